@@ -1,0 +1,139 @@
+"""The disk-watcher: measures the storage directory and publishes the disk state.
+
+The state is level state (``disk.state`` on an XPUB socket): published on every
+change, again every second, and at once to each new subscriber. Between
+measurements the cheap incremental re-measure runs every second while anything
+is being downloaded (files grow in ``.in_progress``), so a download that grows
+past its reservation is seen within a second; otherwise the measurement is
+cached for ``cache_duration_seconds``. A full walk runs every
+``check_interval_seconds``. A ``disk.measure`` request re-measures at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import zmq
+
+from shared import layout
+from shared.config import Config
+from shared.disk import DiskMonitor, DiskState, DiskUsage, Thresholds, next_state
+from shared.lifecycle import StopRequest, kv
+from shared.protocol import DiskMeasure, DiskStateMsg, ProtocolError, decode, encode
+from shared.singleton import hold_lock
+from shared.sockets import Sockets
+
+log = logging.getLogger(__name__)
+PUBLISH_SECONDS = 1.0
+
+
+def thresholds(config: Config) -> Thresholds:
+    d = config.disk
+    return Thresholds(pause_bytes=d.pause_bytes, resume_bytes=d.resume_bytes,
+                      hard_limit_bytes=d.hard_limit_bytes, min_free_bytes=d.min_free_bytes)
+
+
+class DiskWatcher:
+    """State logic without sockets: ``observe(usage)`` returns the message to publish."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.thresholds = thresholds(config)
+        self.state = DiskState.RUNNING  # a fresh start is no transition: judged by pause
+        self.seq = 0
+        self.last: DiskStateMsg | None = None
+
+    def observe(self, usage: DiskUsage, now: float) -> DiskStateMsg:
+        new = next_state(self.state, usage.total, usage.free_bytes, self.thresholds)
+        if new != self.state or self.last is None:
+            log.info(kv("disk state", state=new.value, previous=self.state.value,
+                        usage=usage.total, free=usage.free_bytes, **usage.breakdown()))
+        self.state = new
+        self.seq += 1
+        t = self.thresholds
+        self.last = DiskStateMsg(
+            seq=self.seq, state=new.value, usage_bytes=usage.total, breakdown=usage.breakdown(),
+            free_bytes=usage.free_bytes, pause_threshold_bytes=t.pause_bytes,
+            resume_threshold_bytes=t.resume_bytes, hard_limit_bytes=t.hard_limit_bytes,
+            min_free_bytes=t.min_free_bytes, measured_at=usage.measured_at, published_at=now)
+        return self.last
+
+
+class DiskWatcherServer:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        hold_lock(config.run_dir / "disk-watcher.lock", f"disk-watcher for {config.storage_dir}")
+        self.monitor = DiskMonitor(config.storage_dir, config.disk.cache_duration_seconds,
+                                   full_walk_interval_seconds=config.disk.check_interval_seconds)
+        self.watcher = DiskWatcher(config)
+        self.sockets = Sockets(config)
+        self.stop = StopRequest()
+
+    def _downloading(self) -> bool:
+        try:
+            with os.scandir(layout.in_progress_root(self.config.storage_dir)) as it:
+                return any(True for _ in it)
+        except OSError:
+            return False
+
+    def _publish(self) -> None:
+        usage = self.monitor.measure(force=self._downloading())
+        msg = self.watcher.observe(usage, time.time())
+        self.pub.send_multipart(encode(msg))
+
+    def run(self) -> int:
+        zc = self.config.zmq
+        self.pub = self.sockets.bind(zmq.XPUB, zc.disk_state, "disk_state")
+        self.pub.setsockopt(zmq.XPUB_VERBOSE, 1)
+        self.control = self.sockets.bind(zmq.PULL, zc.disk_control, "disk_control")
+        poller = zmq.Poller()
+        poller.register(self.pub, zmq.POLLIN)
+        poller.register(self.control, zmq.POLLIN)
+        poller.register(self.stop.wakeup_fd, zmq.POLLIN)
+        log.info(kv("disk-watcher started", storage=self.config.storage_dir, endpoint=zc.disk_state))
+        next_publish = 0.0
+        try:
+            while not self.stop.requested:
+                events = dict(poller.poll(max(0.0, next_publish - time.monotonic()) * 1000))
+                joined = self.pub in events and self._subscriptions()
+                requested = self.control in events and self._requests()
+                if requested:
+                    self.monitor.invalidate()
+                if joined or requested or time.monotonic() >= next_publish:
+                    self._publish()
+                    next_publish = time.monotonic() + PUBLISH_SECONDS
+            return 0
+        finally:
+            self.sockets.close()
+            log.info("disk-watcher stopped")
+
+    def _subscriptions(self) -> bool:
+        """A new subscriber gets the current state at once."""
+        joined = False
+        while True:
+            try:
+                frame = self.pub.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            joined |= frame[:1] == b"\x01"
+        return joined
+
+    def _requests(self) -> bool:
+        requested = False
+        while True:
+            try:
+                frames = self.control.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            try:
+                msg = decode(frames)
+                if not isinstance(msg, DiskMeasure):
+                    raise ProtocolError(f"unexpected {msg.KIND} on the disk control channel")
+            except ProtocolError as exc:
+                log.warning(kv("dropped malformed message", error=exc))
+                continue
+            log.debug(kv("re-measure requested", reason=msg.reason))
+            requested = True
+        return requested

@@ -1,0 +1,46 @@
+"""``anime-dispatcher``: the only process that writes the job database."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from shared.config import ConfigError, load_config
+from shared.lifecycle import setup_logging
+from shared.singleton import AlreadyRunning
+from services.dispatcher.core import Options
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="anime-dispatcher",
+        description="Own the SQLite job queue and hand out jobs to workers over ZeroMQ.")
+    parser.add_argument("-c", "--config", default="config.toml", help="config file (default: %(default)s)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="hand out queued jobs without changing the database")
+    parser.add_argument("--anime-id", type=int, metavar="ID", help="hand out only this MAL ID's jobs")
+    parser.add_argument("--exit-when-done", action="store_true",
+                        help="exit 0 with a summary when no runnable job is queued or in flight")
+    parser.add_argument("-v", "--verbose", action="store_true", help="DEBUG logging")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging("dispatcher", args.verbose)
+    try:
+        config = load_config(args.config)
+        from services.dispatcher.server import DispatcherServer
+
+        server = DispatcherServer(config, Options(args.dry_run, args.anime_id, args.exit_when_done))
+    except ConfigError as exc:
+        print(f"anime-dispatcher: {exc}", file=sys.stderr)
+        return 2
+    except (AlreadyRunning, FileNotFoundError) as exc:
+        print(f"anime-dispatcher: {exc}", file=sys.stderr)
+        return 3
+    return server.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

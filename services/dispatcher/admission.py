@@ -1,0 +1,123 @@
+"""Disk admission: a job starts only if its expected size still fits the budget.
+
+``committed = (usage - in_progress) + max(in_progress, sum of reservations)``
+counts finished files as measured and in-flight downloads at the larger of
+what they have written and what they are expected to write, so a download is
+never counted twice and never counted as less than its reservation. A job is
+admitted only if ``committed + expected(job) <= pause_threshold`` and the
+filesystem keeps ``min_free`` free after every reservation is filled.
+
+A released reservation keeps counting until a measurement taken after its
+release arrives: a landed file moves from ``.in_progress`` to ``videos``, and an
+old measurement may have seen neither.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+
+from shared.config import DiskConfig
+from shared.protocol import DiskStateMsg
+
+STALE_AFTER_SECONDS = 5.0  # no fresh disk state for this long: treat as paused
+
+
+@dataclass
+class Reservation:
+    anime_id: int
+    expected: int
+    written: int = 0
+
+    @property
+    def bytes(self) -> int:
+        return max(self.expected, self.written)
+
+
+@dataclass
+class Admission:
+    disk: DiskConfig
+    stale_after: float = STALE_AFTER_SECONDS
+    state: DiskStateMsg | None = None
+    received_at: float = 0.0
+    reservations: dict[int, Reservation] = field(default_factory=dict)
+    settling: list[tuple[float, int]] = field(default_factory=list)
+    no_space_at: float | None = None  # set by an ENOSPC failure, cleared by a fresh state
+    _per_anime: dict[int, deque] = field(default_factory=lambda: defaultdict(lambda: deque(maxlen=20)))
+    _overall: deque = field(default_factory=lambda: deque(maxlen=50))
+
+    # --- inputs -------------------------------------------------------------
+
+    def on_disk_state(self, msg: DiskStateMsg, now: float) -> None:
+        if self.state is not None and msg.seq < self.state.seq and msg.published_at < self.state.published_at:
+            return  # an older state delivered late
+        self.state = msg
+        self.received_at = now
+        self.settling = [(t, b) for t, b in self.settling if t >= msg.measured_at]
+        if self.no_space_at is not None and msg.measured_at > self.no_space_at:
+            if msg.free_bytes - self.disk.min_free_bytes >= self.expected_for(None):
+                self.no_space_at = None
+
+    def record_size(self, anime_id: int, size: int) -> None:
+        if size > 0:
+            self._per_anime[anime_id].append(size)
+            self._overall.append(size)
+
+    def expected_for(self, anime_id: int | None) -> int:
+        sizes = self._per_anime.get(anime_id) if anime_id is not None else None
+        if not sizes:
+            sizes = self._overall
+        if sizes:
+            return int(sum(sizes) / len(sizes))
+        return self.disk.expected_episode_bytes
+
+    def reserve(self, job_id: int, anime_id: int) -> None:
+        self.reservations[job_id] = Reservation(anime_id, self.expected_for(anime_id))
+
+    def written(self, job_id: int, written: int) -> None:
+        reservation = self.reservations.get(job_id)
+        if reservation is not None:
+            reservation.written = max(reservation.written, written)
+
+    def release(self, job_id: int, now: float) -> None:
+        reservation = self.reservations.pop(job_id, None)
+        if reservation is not None:
+            self.settling.append((now, reservation.bytes))
+
+    # --- the decision -------------------------------------------------------
+
+    def fresh(self, now: float) -> bool:
+        return self.state is not None and now - self.received_at <= self.stale_after
+
+    def reserved_bytes(self) -> int:
+        return sum(r.bytes for r in self.reservations.values()) + sum(b for _, b in self.settling)
+
+    def committed_bytes(self) -> int:
+        assert self.state is not None
+        in_progress = int(self.state.breakdown.get("in_progress", 0))
+        finished = self.state.usage_bytes - in_progress
+        return finished + max(in_progress, self.reserved_bytes())
+
+    def measurement_too_old(self, now: float) -> bool:
+        return self.state is not None and now - self.state.measured_at > self.disk.cache_duration_seconds
+
+    def refusal(self, now: float, anime_id: int | None = None) -> str | None:
+        """Why a new job may not start now, or None when it may."""
+        if self.state is None:
+            return "no disk state yet"
+        if not self.fresh(now):
+            return "disk state is stale (disk-watcher down?)"
+        if self.state.state != "running":
+            return f"disk {self.state.state}"
+        if self.no_space_at is not None:
+            return "no space left on device; waiting for space"
+        expected = self.expected_for(anime_id)
+        if self.committed_bytes() + expected > self.disk.pause_bytes:
+            return "budget: in-flight reservations would pass pause_threshold_gb"
+        free_after = self.state.free_bytes - self._unwritten() - expected
+        if free_after < self.disk.min_free_bytes:
+            return "free space would fall below min_free_gb"
+        return None
+
+    def _unwritten(self) -> int:
+        return sum(r.bytes - r.written for r in self.reservations.values())

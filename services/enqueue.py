@@ -1,0 +1,110 @@
+"""``anime-enqueue``: add episodes (and optionally the anime's selection) to the queue.
+
+Like the upstream anime-selector, it writes the two contract tables in short
+transactions (the dispatcher tolerates that: WAL, busy timeout). Idempotent per
+anime and episode: an episode already in the queue, at any stage, is left alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sqlite3
+import sys
+
+from shared.config import ConfigError, load_config
+from shared.models import CONTRACT_DDL
+
+CONFIDENCES = ("high", "medium", "low")
+
+
+def parse_episodes(text: str) -> list[int]:
+    """``"1-64"``, ``"3"``, ``"1,3,5-7"`` -> sorted episode numbers; ValueError names the bad part."""
+    episodes: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        first, _, last = part.partition("-")
+        try:
+            lo, hi = int(first), int(last or first)
+        except ValueError:
+            raise ValueError(f"{part!r} is not a number or a range like 1-64") from None
+        if lo < 1 or hi < lo:
+            raise ValueError(f"{part!r}: episodes start at 1 and a range goes upwards")
+        if hi - lo >= 100_000:
+            raise ValueError(f"{part!r}: too many episodes")
+        episodes.update(range(lo, hi + 1))
+    return sorted(episodes)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="anime-enqueue",
+        description="Queue episodes of one anime for download (idempotent per episode).")
+    parser.add_argument("-c", "--config", default="config.toml", help="config file (default: %(default)s)")
+    parser.add_argument("--mal-id", type=int, required=True, help="MyAnimeList ID of the anime")
+    parser.add_argument("--title", required=True, help="title to search for with ani-cli")
+    parser.add_argument("--episodes", required=True, help="e.g. 1-64, 5, or 1,3,5-7")
+    parser.add_argument("--max-retries", type=int, default=3, help="retries per episode (default: 3)")
+    parser.add_argument("--selected-index", type=int,
+                        help="1-based index of the right search result (stores the selection)")
+    parser.add_argument("--selected-title", help="title of that search result (default: --title)")
+    parser.add_argument("--confidence", choices=CONFIDENCES, help="default: high")
+    args = parser.parse_args(argv)
+    try:
+        args.episode_list = parse_episodes(args.episodes)
+    except ValueError as exc:
+        parser.error(f"--episodes: {exc}")
+    if args.selected_index is None and (args.selected_title or args.confidence):
+        parser.error("--selected-title and --confidence need --selected-index")
+    if args.selected_index is not None and args.selected_index < 1:
+        parser.error(f"--selected-index: must be 1 or more (1-based), got {args.selected_index}")
+    if args.mal_id < 1:
+        parser.error(f"--mal-id: must be a positive MAL ID, got {args.mal_id}")
+    return args
+
+
+def enqueue(db_path, mal_id: int, title: str, episodes: list[int], max_retries: int = 3,
+            selection: tuple[int, str, str] | None = None) -> int:
+    """Insert the missing episodes (and the selection); returns how many were added."""
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(db_path, timeout=30)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        with conn:
+            for ddl in CONTRACT_DDL:
+                conn.execute(ddl)
+            have = {row[0] for row in conn.execute(
+                "SELECT episode FROM jobs WHERE anime_id = ?", (mal_id,))}
+            new = [(mal_id, title, ep, max_retries) for ep in episodes if ep not in have]
+            conn.executemany("INSERT INTO jobs (anime_id, anime_title, episode, stage, retry_count, "
+                             "max_retries) VALUES (?, ?, ?, 'queued', 0, ?)", new)
+            if selection is not None:
+                conn.execute("INSERT INTO anime_selection_cache (mal_id, selected_index, "
+                             "selected_title, confidence) VALUES (?, ?, ?, ?) ON CONFLICT(mal_id) "
+                             "DO UPDATE SET selected_index = excluded.selected_index, "
+                             "selected_title = excluded.selected_title, "
+                             "confidence = excluded.confidence", (mal_id, *selection))
+        return len(new)
+    finally:
+        conn.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"anime-enqueue: {exc}", file=sys.stderr)
+        return 2
+    selection = None
+    if args.selected_index is not None:
+        selection = (args.selected_index, args.selected_title or args.title, args.confidence or "high")
+    added = enqueue(config.db_path, args.mal_id, args.title, args.episode_list, args.max_retries,
+                    selection)
+    skipped = len(args.episode_list) - added
+    print(f"queued {added} episode(s) of MAL ID {args.mal_id} ({skipped} already present)"
+          + (f"; selection: index {selection[0]}" if selection else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

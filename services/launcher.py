@@ -1,0 +1,216 @@
+"""``anime-downloader``: run the whole system in the foreground under supervisord.
+
+It renders the repo's ``supervisord.conf`` for the given config (paths under its
+root_dir, ``-w`` workers, the options passed to the services) into
+``<root_dir>/run/supervisord.conf``, starts ``supervisord -n`` in its own
+session (so Ctrl-C reaches only us, and we stop it with one SIGTERM), follows
+the services' log files to the terminal, and with ``--exit-when-done`` stops
+everything once the dispatcher reports that no runnable job is left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import configparser
+import io
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+import xmlrpc.client
+from pathlib import Path
+
+from shared.config import Config, ConfigError, load_config
+from shared.lifecycle import StopRequest
+
+REPO_DIR = Path(__file__).resolve().parent.parent
+TEMPLATE = REPO_DIR / "supervisord.conf"
+PROGRAMS = ("disk-watcher", "dispatcher", "worker")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="anime-downloader",
+        description="Download every queued episode with ani-cli: a dispatcher, a disk-watcher "
+                    "and N workers under supervisord, in the foreground. Ctrl-C stops all.")
+    parser.add_argument("-c", "--config", default="config.toml", help="config file (default: %(default)s)")
+    parser.add_argument("-w", "--workers", type=int, metavar="N",
+                        help="number of concurrent download workers (default: "
+                             "[disk_management] max_concurrent_downloads)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="log the ani-cli command of each queued job; change nothing")
+    parser.add_argument("--anime-id", type=int, metavar="ID", help="download only this MAL ID's episodes")
+    parser.add_argument("-v", "--verbose", action="store_true", help="DEBUG logging in every service")
+    parser.add_argument("--exit-when-done", action="store_true",
+                        help="when no runnable job is queued or running, print a summary and exit 0")
+    args = parser.parse_args(argv)
+    if args.workers is not None and args.workers < 1:
+        parser.error(f"-w/--workers: must be at least 1, got {args.workers}")
+    return args
+
+
+def _service_args(args: argparse.Namespace, program: str) -> str:
+    extra = []
+    if program == "dispatcher":
+        if args.dry_run:
+            extra.append("--dry-run")
+        if args.anime_id is not None:
+            extra += ["--anime-id", str(args.anime_id)]
+        if args.exit_when_done:
+            extra.append("--exit-when-done")
+    if args.verbose:
+        extra.append("-v")
+    return "".join(f" {word}" for word in extra)
+
+
+def render(template: str, config: Config, args: argparse.Namespace) -> str:
+    """The repo's supervisord.conf, pointed at ``config`` and carrying the options."""
+    parser = configparser.RawConfigParser(strict=False)
+    parser.optionxform = str  # keep key case
+    parser.read_string(template)
+    bin_dir = Path(sys.executable).parent
+    replacements = [("%(here)s/data", str(config.root_dir)),
+                    ("%(here)s/config.toml", str(config.path.resolve())),
+                    ("%(here)s/.venv/bin", str(bin_dir)),
+                    ("%(here)s", str(REPO_DIR))]
+    for section in parser.sections():
+        for key, value in parser.items(section):
+            for old, new in replacements:
+                value = value.replace(old, new)
+            parser.set(section, key, value)
+    for program in PROGRAMS:
+        section = f"program:{program}"
+        parser.set(section, "command", parser.get(section, "command") + _service_args(args, program))
+    workers = args.workers or config.disk.max_concurrent_downloads
+    parser.set("program:worker", "numprocs", str(workers))
+    if args.exit_when_done:
+        parser.set("program:dispatcher", "autorestart", "unexpected")
+        parser.set("program:dispatcher", "exitcodes", "0")
+    out = io.StringIO()
+    parser.write(out)
+    return out.getvalue()
+
+
+class LogFollower(threading.Thread):
+    """Prints new lines of the services' log files to the terminal."""
+
+    def __init__(self, log_dir: Path) -> None:
+        super().__init__(daemon=True)
+        self.log_dir = log_dir
+        self.offsets: dict[Path, int] = {p: p.stat().st_size for p in log_dir.glob("*.log")}
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(0.2):
+            self.poll()
+
+    def poll(self) -> None:
+        for path in sorted(self.log_dir.glob("*.log")):
+            if path.name == "supervisord.log":
+                continue
+            offset = self.offsets.get(path, 0)
+            try:
+                size = path.stat().st_size
+                if size < offset:
+                    offset = 0  # rotated
+                with open(path, "rb") as fh:
+                    fh.seek(offset)
+                    data = fh.read()
+            except OSError:
+                continue
+            complete = data.rfind(b"\n") + 1
+            self.offsets[path] = offset + complete
+            for line in data[:complete].decode("utf-8", "replace").splitlines():
+                sys.stderr.write(f"{path.stem:<14} | {line}\n")
+        sys.stderr.flush()
+
+
+class Launcher:
+    def __init__(self, config: Config, args: argparse.Namespace) -> None:
+        self.config = config
+        self.args = args
+        self.conf_path = config.run_dir / "supervisord.conf"
+        self.socket_path = config.run_dir / "supervisor.sock"
+
+    def rpc(self) -> xmlrpc.client.ServerProxy:
+        from supervisor.xmlrpc import SupervisorTransport
+
+        transport = SupervisorTransport(None, None, f"unix://{self.socket_path}")
+        return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
+
+    def start(self) -> subprocess.Popen:
+        self.config.log_dir.mkdir(parents=True, exist_ok=True)
+        self.config.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.config.run_dir / "summary.json").unlink(missing_ok=True)
+        self.conf_path.write_text(render(TEMPLATE.read_text(), self.config, self.args))
+        return subprocess.Popen([sys.executable, "-m", "supervisor.supervisord", "-n",
+                                 "-c", str(self.conf_path)], start_new_session=True,
+                                stdin=subprocess.DEVNULL)
+
+    def dispatcher_result(self) -> str | None:
+        """"done" when the dispatcher exited 0 (exit-when-done), "fatal" if it cannot run."""
+        try:
+            info = self.rpc().supervisor.getProcessInfo("dispatcher")
+        except (OSError, xmlrpc.client.Fault):
+            return None
+        if info["statename"] == "EXITED" and info["exitstatus"] == 0:
+            return "done"
+        if info["statename"] == "FATAL":
+            return "fatal"
+        return None
+
+    def run(self) -> int:
+        follower = LogFollower(self.config.log_dir)
+        stop = StopRequest()
+        proc = self.start()
+        follower.start()
+        print(f"anime-downloader: supervisord started (config {self.conf_path}); Ctrl-C stops",
+              file=sys.stderr)
+        result = None
+        while proc.poll() is None and not stop.requested:
+            try:
+                proc.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                pass
+            if self.args.exit_when_done and result is None:
+                result = self.dispatcher_result()
+                if result is not None:
+                    break
+        code = self.shutdown(proc)
+        follower.poll()
+        follower.stopped.set()
+        if result == "fatal":
+            print("anime-downloader: the dispatcher could not start; see "
+                  f"{self.config.log_dir / 'dispatcher.log'}", file=sys.stderr)
+            return 1
+        if result == "done":
+            summary = json.loads((self.config.run_dir / "summary.json").read_text())
+            print("summary: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
+            return 0
+        return 0 if stop.requested else code
+
+    @staticmethod
+    def shutdown(proc: subprocess.Popen) -> int:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)  # supervisord stops every program gracefully
+            try:
+                return proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        return proc.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"anime-downloader: {exc}", file=sys.stderr)
+        return 2
+    return Launcher(config, args).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

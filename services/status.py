@@ -1,0 +1,96 @@
+"""``anime-status``: ask the running dispatcher how things stand (ZeroMQ, never the DB).
+
+Exit 0 with the status, or 1 with one line when nothing answers within
+``--timeout`` seconds, so it doubles as a health check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import zmq
+
+from shared.config import ConfigError, load_config
+from shared.protocol import ProtocolError, StatusReply, StatusRequest, decode, encode
+from shared.sockets import Sockets
+from services.status_text import render_text
+
+
+class NoAnswer(Exception):
+    pass
+
+
+def fetch_status(sockets: Sockets, endpoint: str, timeout: float) -> dict:
+    sock = sockets.connect(zmq.DEALER, endpoint)
+    try:
+        sock.send_multipart(encode(StatusRequest()))
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            if not sock.poll(left * 1000):
+                break
+            try:
+                reply = decode(sock.recv_multipart())
+            except ProtocolError:
+                continue
+            if isinstance(reply, StatusReply):
+                return reply.status
+        raise NoAnswer(f"no answer from the dispatcher at {endpoint} within {timeout:g}s "
+                       "(is anime-downloader running?)")
+    finally:
+        sock.close(linger=0)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="anime-status",
+        description="Show the queue, the workers' progress and the disk of a running "
+                    "anime-downloader. Exits 1 if nothing answers (usable as a health check).")
+    parser.add_argument("-c", "--config", default="config.toml", help="config file (default: %(default)s)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object (shape: README)")
+    parser.add_argument("--watch", nargs="?", const=2.0, type=float, metavar="SECONDS",
+                        help="refresh every SECONDS (default 2) until Ctrl-C")
+    parser.add_argument("--timeout", type=float, default=2.0, metavar="SECONDS",
+                        help="how long to wait for an answer (default: %(default)s)")
+    args = parser.parse_args(argv)
+    if args.timeout <= 0:
+        parser.error(f"--timeout: must be greater than 0, got {args.timeout}")
+    if args.watch is not None and args.watch <= 0:
+        parser.error(f"--watch: must be greater than 0, got {args.watch}")
+    return args
+
+
+def show(status: dict, as_json: bool) -> str:
+    return json.dumps(status, sort_keys=True) if as_json else render_text(status)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"anime-status: {exc}", file=sys.stderr)
+        return 2
+    sockets = Sockets(config)
+    try:
+        while True:
+            status = fetch_status(sockets, config.zmq.status, args.timeout)
+            if args.watch is not None and not args.json:
+                sys.stdout.write("\x1b[H\x1b[2J")
+            print(show(status, args.json), flush=True)
+            if args.watch is None:
+                return 0
+            time.sleep(args.watch)
+    except NoAnswer as exc:
+        print(f"anime-status: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        sockets.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

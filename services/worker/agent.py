@@ -1,0 +1,345 @@
+"""The worker process: asks for a job when idle, runs it, reports it.
+
+One thread runs the loop (a zmq poller over the dispatcher socket, the disk
+state subscription, the stop signal and ani-cli's pipes); verification runs in
+a helper thread so heartbeats continue. Every message that ends an attempt is
+re-sent until the dispatcher answers, so a dispatcher restart loses nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+import socket
+import time
+
+import zmq
+
+from shared.config import Config
+from shared.lifecycle import StopRequest, kv
+from shared.protocol import (REASON_DRY_RUN, REASON_ERROR, REASON_HARD_LIMIT, REASON_INTERRUPTED,
+                             REASON_NO_SPACE, REASON_TIMEOUT, DiskStateMsg, JobAck, JobAssign,
+                             JobCancel, JobCommit, JobFailed, JobFinished, JobHeartbeat,
+                             JobLanded, Message, ProtocolError, WorkerBye, WorkerReady, decode,
+                             encode)
+from shared.sockets import Sockets
+from services.worker import download
+from services.worker.attempt import Attempt
+
+log = logging.getLogger(__name__)
+DISK_STALE_SECONDS = 5.0
+RESEND_SECONDS = 1.0
+STOP_GRACE_SECONDS = 8.0  # well inside supervisord's stopwaitsecs
+
+
+class Worker:
+    def __init__(self, config: Config, worker_id: str) -> None:
+        self.config = config
+        self.worker_id = worker_id
+        self.session = secrets.token_hex(4)
+        self.identity = f"{worker_id}/{self.session}".encode()
+        self.sockets = Sockets(config)
+        self.stop = StopRequest()
+        self.attempt: Attempt | None = None
+        self.pending: Message | None = None  # re-sent until answered
+        self.pending_at = 0.0
+        self.seq = 0
+        self.disk: DiskStateMsg | None = None
+        self.disk_at = -1e9
+        self.next_beat = 0.0
+        self.stop_deadline: float | None = None
+        self.host = socket.gethostname()
+
+    @property
+    def ctx(self) -> dict:
+        return dict(worker_id=self.worker_id, **(self.attempt.context if self.attempt else {}))
+
+    # --- sockets ------------------------------------------------------------
+
+    def _open(self) -> None:
+        zc = self.config.zmq
+        self.dealer = self.sockets.connect_dealer(zc.dispatcher, self.identity)
+        self.sub = self.sockets.connect(zmq.SUB, zc.disk_state)
+        self.sub.setsockopt(zmq.SUBSCRIBE, DiskStateMsg.KIND.encode())
+
+    def send(self, msg: Message) -> bool:
+        try:
+            self.dealer.send_multipart(encode(msg), zmq.NOBLOCK)
+            return True
+        except zmq.Again:  # not connected (IMMEDIATE): the caller retries later
+            return False
+
+    def report(self, msg: Message) -> None:
+        """Send a message that must be answered; it is re-sent until it is."""
+        self.pending = msg
+        self.pending_at = time.monotonic()
+        self.send(msg)
+
+    # --- the loop -----------------------------------------------------------
+
+    def run(self) -> int:
+        self._open()
+        log.info(kv("worker started", worker_id=self.worker_id, session=self.session,
+                    endpoint=self.config.zmq.dispatcher))
+        try:
+            while not self._finished():
+                self._poll_once()
+            self.send(WorkerBye(worker_id=self.worker_id, session=self.session))
+            return 0
+        finally:
+            if self.attempt and self.attempt.proc and self.attempt.proc.poll() is None:
+                download.kill_group(self.attempt.proc)
+            self.sockets.close()
+            log.info(kv("worker stopped", worker_id=self.worker_id))
+
+    def _finished(self) -> bool:
+        if not self.stop.requested:
+            return False
+        if self.attempt is None and self.pending is None:
+            return True
+        return self.stop_deadline is not None and time.monotonic() > self.stop_deadline
+
+    def _poll_once(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.dealer, zmq.POLLIN)
+        poller.register(self.sub, zmq.POLLIN)
+        poller.register(self.stop.wakeup_fd, zmq.POLLIN)
+        fds = self.attempt.pipes() if self.attempt else []
+        for fd in fds:
+            poller.register(fd, zmq.POLLIN)
+        events = dict(poller.poll(250))
+        if self.stop.wakeup_fd in events:
+            self.stop.drain()
+            self._on_stop_signal()
+        if self.attempt and any(fd in events for fd in fds):
+            self.attempt.read_pipes()
+        if self.sub in events:
+            self._drain(self.sub, self._on_disk)
+        if self.dealer in events:
+            self._drain(self.dealer, self._on_dispatcher)
+        self._timers()
+
+    def _drain(self, sock: zmq.Socket, handler) -> None:
+        for _ in range(100):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                handler(decode(frames))
+            except ProtocolError as exc:
+                log.warning(kv("dropped malformed message", error=exc, worker_id=self.worker_id))
+            except Exception:
+                log.exception(kv("error while handling a message; dropped it", **self.ctx))
+
+    # --- signals and disk ---------------------------------------------------
+
+    def _on_stop_signal(self) -> None:
+        if self.stop.count >= 2:
+            log.warning(kv("second stop signal: exiting now", **self.ctx))
+            if self.attempt and self.attempt.proc:
+                download.kill_group(self.attempt.proc)
+            os._exit(1)
+        if self.stop_deadline is None:
+            self.stop_deadline = time.monotonic() + STOP_GRACE_SECONDS
+            log.info(kv("stop requested: taking no more work", **self.ctx))
+            if self.attempt is not None:
+                self._interrupt(REASON_INTERRUPTED)
+
+    def _disk_ok(self) -> bool:
+        fresh = time.monotonic() - self.disk_at <= DISK_STALE_SECONDS
+        return fresh and self.disk is not None and self.disk.state != "hard_limit"
+
+    def _on_disk(self, msg: Message) -> None:
+        if not isinstance(msg, DiskStateMsg):
+            raise ProtocolError(f"unexpected {msg.KIND} on the disk state channel")
+        was_ok = self._disk_ok()
+        self.disk, self.disk_at = msg, time.monotonic()
+        if not was_ok and self.attempt is None:
+            self.next_beat = 0.0  # ask for work at once, not at the next heartbeat
+        if msg.state == "hard_limit" and self.attempt and self.attempt.phase == "downloading":
+            self._interrupt(REASON_HARD_LIMIT)
+
+    def _interrupt(self, reason: str) -> None:
+        """Stop the current attempt for a reason that is not the job's fault."""
+        a = self.attempt
+        assert a is not None
+        if a.phase == "downloading" and a.proc is not None:
+            a.kill(reason, signal.SIGTERM)
+        elif a.phase in ("verifying", "awaiting_commit"):
+            self._fail(reason, "stopped before landing")
+        # reporting: the file landed or the failure is on its way; let it finish
+
+    # --- messages from the dispatcher ---------------------------------------
+
+    def _on_dispatcher(self, msg: Message) -> None:
+        if isinstance(msg, JobAssign):
+            self._on_assign(msg)
+        elif isinstance(msg, JobCommit):
+            self._on_commit(msg)
+        elif isinstance(msg, JobCancel):
+            self._on_cancel(msg)
+        elif isinstance(msg, JobAck):
+            self._on_ack(msg)
+        else:
+            log.warning(kv("dropped message not meant for a worker", kind=msg.KIND))
+
+    def _mine(self, job_id: int, attempt: int) -> bool:
+        a = self.attempt
+        return a is not None and a.job.job_id == job_id and a.job.attempt == attempt
+
+    def _on_assign(self, job: JobAssign) -> None:
+        if self._mine(job.job_id, job.attempt):
+            return
+        if self.attempt is not None or self.stop.requested or not self._disk_ok():
+            why = "worker busy" if self.attempt else "worker stopping or disk not available"
+            self.send(JobFailed(worker_id=self.worker_id, session=self.session, job_id=job.job_id,
+                                attempt=job.attempt, reason=REASON_INTERRUPTED, error=why))
+            return
+        self.attempt = Attempt(job, self.config)
+        self.next_beat = 0.0
+        log.info(kv("job received", anime_title=job.anime_title, **self.ctx))
+        if job.dry_run:
+            self._fail(REASON_DRY_RUN, "dry run", argv=self.attempt.argv())
+            log.info(kv("dry run: would run", argv=" ".join(map(repr, self.attempt.argv())),
+                        **self.ctx))
+            return
+        try:
+            self.attempt.prepare()
+            self.attempt.spawn()
+        except OSError as exc:
+            reason = REASON_NO_SPACE if download.is_no_space_error(exc) else REASON_ERROR
+            self._fail(reason, f"could not start ani-cli: {exc}")
+        except RuntimeError as exc:
+            self._fail(REASON_INTERRUPTED, str(exc))
+
+    def _on_commit(self, msg: JobCommit) -> None:
+        a = self.attempt
+        if not self._mine(msg.job_id, msg.attempt) or a.phase != "awaiting_commit":
+            return
+        try:
+            a.land(msg.video_path)
+        except OSError as exc:
+            reason = REASON_NO_SPACE if download.is_no_space_error(exc) else REASON_ERROR
+            self._fail(reason, f"Failed to move video into place: {exc}")
+            return
+        a.phase = "reporting"
+        log.info(kv("landed", path=msg.video_path, size=a.post.size, **self.ctx))
+        self.report(JobLanded(worker_id=self.worker_id, session=self.session, job_id=msg.job_id,
+                              attempt=msg.attempt, video_path=msg.video_path, size_bytes=a.post.size,
+                              duration_seconds=a.post.duration))
+
+    def _on_cancel(self, msg: JobCancel) -> None:
+        if not self._mine(msg.job_id, msg.attempt):
+            return
+        a = self.attempt
+        log.warning(kv("lease lost: discarding this attempt", why=msg.reason, **self.ctx))
+        if a.proc is not None and a.proc.poll() is None:
+            download.kill_group(a.proc)
+            a.exited()
+        a.discard(keep_partials=True)
+        self._idle()
+
+    def _on_ack(self, msg: JobAck) -> None:
+        p = self.pending
+        if p is None or (p.job_id, p.attempt) != (msg.job_id, msg.attempt):
+            return
+        a = self.attempt
+        if a is not None and self._mine(msg.job_id, msg.attempt):
+            a.discard(keep_partials=not isinstance(p, JobLanded) and not a.job.dry_run)
+        self._idle()
+
+    def _idle(self) -> None:
+        self.attempt = None
+        self.pending = None
+        self.seq += 1
+        self.next_beat = 0.0
+
+    # --- timers -------------------------------------------------------------
+
+    def _timers(self) -> None:
+        now = time.monotonic()
+        a = self.attempt
+        if a is not None:
+            self._check_attempt(a, now)
+        if self.pending is not None and now - self.pending_at >= RESEND_SECONDS:
+            self.pending_at = now
+            self.send(self.pending)
+        if now >= self.next_beat:
+            self.next_beat = now + self.config.queue.heartbeat_seconds
+            self._beat()
+
+    def _beat(self) -> None:
+        a = self.attempt
+        if a is None:
+            if not self.stop.requested and self._disk_ok():
+                self.send(WorkerReady(worker_id=self.worker_id, session=self.session, seq=self.seq,
+                                      host=self.host))
+            return
+        if a.phase == "reporting" or self.pending is not None:
+            return
+        p = a.latest
+        self.send(JobHeartbeat(
+            worker_id=self.worker_id, session=self.session, job_id=a.job.job_id,
+            attempt=a.job.attempt, bytes=a.bytes_written() if a.proc else 0,
+            percent=p.percent if p else None, speed_bps=p.speed_bps if p else None,
+            eta_seconds=p.eta_seconds if p else None,
+            state="stopping" if self.stop.requested else a.phase, started_at=a.started_at))
+
+    def _check_attempt(self, a: Attempt, now: float) -> None:
+        if a.phase == "downloading" and a.proc is not None:
+            if a.kill_reason is None and now > a.deadline:
+                a.kill(REASON_TIMEOUT, signal.SIGTERM)
+            elif a.kill_sent_at is not None and now - a.kill_sent_at > download.KILL_GRACE_SECONDS:
+                a.kill(a.kill_reason or REASON_TIMEOUT, signal.SIGKILL)
+            code = a.exited()
+            if code is not None:
+                self._after_ani_cli(a, code)
+        elif a.phase == "verifying" and a.post is not None:
+            self._after_post(a)
+
+    def _after_ani_cli(self, a: Attempt, code: int) -> None:
+        log.info(kv("ani-cli exited", exit_code=code, **self.ctx))
+        tail = a.output_tail()
+        if a.kill_reason == REASON_TIMEOUT:
+            self._fail(REASON_TIMEOUT, f"ani-cli timed out after "
+                       f"{self.config.downloader.timeout_seconds:g}s and was killed\n{tail}".rstrip())
+        elif a.kill_reason == REASON_HARD_LIMIT:
+            a.clear_partials()
+            self._fail(REASON_HARD_LIMIT, "aborted: disk usage reached hard_limit_gb")
+        elif a.kill_reason == REASON_INTERRUPTED:
+            self._fail(REASON_INTERRUPTED, "interrupted by a stop request")
+        else:
+            outcome = download.judge(code, a.download_dir, tail)
+            if outcome.no_space:
+                a.clear_partials()
+                self._fail(REASON_NO_SPACE, "Failed to write video file: No space left on device")
+            elif outcome.file is None:
+                self._fail(REASON_ERROR, outcome.error or "unknown error")
+            else:
+                a.start_post(outcome.file)
+
+    def _after_post(self, a: Attempt) -> None:
+        post = a.post
+        if post.error is not None:
+            if post.no_space:
+                a.clear_partials()
+            self._fail(REASON_NO_SPACE if post.no_space else REASON_ERROR, post.error)
+            return
+        a.phase = "awaiting_commit"
+        self.report(JobFinished(worker_id=self.worker_id, session=self.session,
+                                job_id=a.job.job_id, attempt=a.job.attempt, ext=post.ext,
+                                size_bytes=post.size, duration_seconds=post.duration))
+
+    def _fail(self, reason: str, error: str, argv: list[str] | None = None) -> None:
+        a = self.attempt
+        assert a is not None
+        a.phase = "reporting"
+        level = logging.INFO if reason in (REASON_DRY_RUN, REASON_INTERRUPTED) else logging.WARNING
+        if reason != REASON_DRY_RUN:
+            log.log(level, kv("attempt ended without a file", reason=reason,
+                              error=error.splitlines()[0] if error else None, **self.ctx))
+        self.report(JobFailed(worker_id=self.worker_id, session=self.session, job_id=a.job.job_id,
+                              attempt=a.job.attempt, reason=reason, error=error, argv=argv or []))

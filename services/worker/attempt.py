@@ -1,0 +1,305 @@
+"""One job attempt on a worker: the private directory, ani-cli, the staged file.
+
+The worker's loop drives an ``Attempt`` through its phases::
+
+    downloading -> verifying -> awaiting_commit -> reporting (JobLanded sent)
+         \\------------\\--------------\\----------> reporting (JobFailed sent)
+
+Files: ``<storage>/.in_progress/job-<id>/dl/`` is ani-cli's download directory
+(kept across retries so a resuming downloader resumes), ``hist/`` its private
+history, ``ready-a<attempt>.<ext>`` the verified file waiting for the
+dispatcher's go-ahead. Only after ``JobCommit`` is it hard-linked to its final
+name (never replacing an existing episode) and the private directory removed.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import shutil
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shared import layout
+from shared.config import Config
+from shared.lifecycle import kv
+from shared.protocol import JobAssign
+from services.worker import download
+from services.worker.progress import OutputTail, Progress, ProgressParser
+
+log = logging.getLogger(__name__)
+
+_warned_no_ffmpeg = False
+
+
+@dataclass
+class PostResult:
+    """What verification and remuxing produced."""
+    staged: Path | None = None
+    ext: str = ""
+    size: int = 0
+    duration: float | None = None
+    error: str | None = None
+    no_space: bool = False
+
+
+@dataclass
+class Attempt:
+    job: JobAssign
+    config: Config
+    phase: str = "downloading"
+    proc: subprocess.Popen | None = None
+    started_at: float = field(default_factory=time.time)
+    deadline: float = 0.0  # monotonic
+    kill_reason: str | None = None
+    kill_sent_at: float | None = None
+    # One parser and tail per stream: interleaving two streams' partial lines garbles both.
+    parsers: dict[str, ProgressParser] = field(default_factory=lambda: {
+        "stdout": ProgressParser(), "stderr": ProgressParser()})
+    tails: dict[str, OutputTail] = field(default_factory=lambda: {
+        "stdout": OutputTail(), "stderr": OutputTail()})
+    latest: Progress | None = None
+    post: PostResult | None = None
+    post_thread: threading.Thread | None = None
+    lock_fd: int | None = None
+
+    @property
+    def private_dir(self) -> Path:
+        return layout.job_dir(self.config.storage_dir, self.job.job_id)
+
+    @property
+    def download_dir(self) -> Path:
+        return self.private_dir / "dl"
+
+    @property
+    def context(self) -> dict:
+        j = self.job
+        return dict(job_id=j.job_id, anime_id=j.anime_id, episode=j.episode, attempt=j.attempt)
+
+    def argv(self) -> list[str]:
+        d = self.config.downloader
+        return download.build_argv(d.command, self.job.selected_index, self.job.episode,
+                                   d.extra_args, self.job.anime_title)
+
+    # --- starting -----------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Create and lock the private directory; drop files staged by older attempts."""
+        self.download_dir.mkdir(parents=True, exist_ok=True)
+        (self.private_dir / "hist").mkdir(exist_ok=True)
+        fd = os.open(self.private_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RuntimeError("private directory is in use by another attempt") from None
+        self.lock_fd = fd
+        for stale in self.private_dir.glob("ready-a*"):
+            stale.unlink(missing_ok=True)
+
+    def spawn(self) -> None:
+        d = self.config.downloader
+        argv = self.argv()
+        if shutil.which(argv[0]) is None:
+            raise FileNotFoundError(f"ani-cli not found: {argv[0]!r} (set [downloader] command)")
+        env = download.build_env(dict(os.environ), self.download_dir, self.private_dir / "hist",
+                                 self.job.rate_limit_bps)
+        self.proc = download.start(argv, self.download_dir, env)
+        self.deadline = time.monotonic() + d.timeout_seconds
+        log.info(kv("ani-cli started", pid=self.proc.pid, argv=" ".join(map(repr, argv)),
+                    **self.context))
+
+    # --- while running ------------------------------------------------------
+
+    def pipes(self) -> list[int]:
+        if self.proc is None:
+            return []
+        return [p.fileno() for p in (self.proc.stdout, self.proc.stderr) if p and not p.closed]
+
+    def read_pipes(self) -> None:
+        if self.proc is None:
+            return
+        for name, pipe in (("stdout", self.proc.stdout), ("stderr", self.proc.stderr)):
+            if pipe is None or pipe.closed:
+                continue
+            while True:
+                try:
+                    chunk = os.read(pipe.fileno(), 65536)
+                except BlockingIOError:
+                    break
+                if not chunk:
+                    pipe.close()
+                    break
+                figures = self.parsers[name].feed(chunk)
+                if figures:
+                    self.latest = figures[-1]
+                self.tails[name].feed(chunk)
+        if all(p is None or p.closed for p in (self.proc.stdout, self.proc.stderr)):
+            try:  # both pipes at EOF: it is exiting; reap it now rather than at the next poll
+                self.proc.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                pass
+
+    def output_tail(self) -> str:
+        """The last lines of stderr (what the spec's error message carries), else stdout."""
+        return self.tails["stderr"].text() or self.tails["stdout"].text()
+
+    def kill(self, reason: str, sig: int) -> None:
+        if self.proc is None:
+            return
+        if self.kill_reason is None:
+            self.kill_reason = reason
+            log.info(kv("stopping ani-cli", why=reason, pid=self.proc.pid, **self.context))
+        self.kill_sent_at = time.monotonic()
+        download.kill_group(self.proc, sig)
+
+    def exited(self) -> int | None:
+        """ani-cli's exit code once it ended (its pipes drained), else None."""
+        if self.proc is None or self.proc.poll() is None:
+            return None
+        # Whatever it left running in its group (a stray child holding our pipes) goes too.
+        download.kill_group(self.proc)
+        self.read_pipes()
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe and not pipe.closed:
+                pipe.close()
+        return self.proc.returncode
+
+    def bytes_written(self) -> int:
+        latest = self.latest
+        on_disk = download.bytes_in(self.download_dir)
+        if latest is not None and latest.downloaded_bytes:
+            return max(latest.downloaded_bytes, on_disk)
+        return on_disk
+
+    # --- after ani-cli ------------------------------------------------------
+
+    def start_post(self, file: Path) -> None:
+        """Verify and remux in a thread, so heartbeats go on during a long check."""
+        self.phase = "verifying"
+        self.post_thread = threading.Thread(target=self._post, args=(file,), daemon=True)
+        self.post_thread.start()
+
+    def _post(self, file: Path) -> None:
+        try:
+            self.post = self._verify_and_stage(file)
+        except OSError as exc:
+            self.post = PostResult(error=f"Failed to write video file: {exc.strerror}",
+                                   no_space=download.is_no_space_error(exc))
+        except Exception as exc:  # a bug here must fail the attempt, not hang it
+            log.exception(kv("post-processing failed", **self.context))
+            self.post = PostResult(error=f"post-processing failed: {exc}")
+
+    def _verify_and_stage(self, file: Path) -> PostResult:
+        d = self.config.downloader
+        duration = None
+        if d.verify or d.container == "mkv":
+            from services.worker import video
+
+            if d.verify:
+                try:
+                    duration = video.verify_video(file).duration_seconds
+                except video.NotAVideo as exc:
+                    file.unlink(missing_ok=True)  # a retry must not find it again
+                    return PostResult(error=f"Downloaded file is not a playable video: {exc}")
+            if d.container == "mkv" and file.suffix.lower() != ".mkv":
+                if video.find_ffmpeg() is not None:
+                    staged = self.private_dir / f"ready-a{self.job.attempt}.mkv"
+                    video.remux_to_mkv(file, staged)
+                    file.unlink()
+                    return self._staged(staged, duration)
+                _warn_no_ffmpeg()
+        staged = self.private_dir / f"ready-a{self.job.attempt}{file.suffix.lower()}"
+        os.rename(file, staged)
+        return self._staged(staged, duration)
+
+    @staticmethod
+    def _staged(path: Path, duration: float | None) -> PostResult:
+        with open(path, "rb") as fh:
+            os.fsync(fh.fileno())
+        return PostResult(staged=path, ext=path.suffix, size=path.stat().st_size, duration=duration)
+
+    # --- landing ------------------------------------------------------------
+
+    def land(self, video_path: str) -> None:
+        """Put the staged file at its final path; never replace an existing episode."""
+        assert self.post is not None and self.post.staged is not None
+        target = Path(video_path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_metadata(self.config.storage_dir, self.job, target, self.post.duration)
+        try:
+            os.link(self.post.staged, target)
+        except FileExistsError:
+            if not os.path.samefile(self.post.staged, target):
+                raise
+        except OSError:
+            # A filesystem without hard links (some SMB mounts): rename, after checking.
+            if target.exists():
+                raise FileExistsError(target) from None
+            os.rename(self.post.staged, target)
+        self.post.staged.unlink(missing_ok=True)
+        _fsync_dir(target.parent)
+
+    def discard(self, keep_partials: bool) -> None:
+        """Remove what this attempt leaves: everything, or only the staged file."""
+        if keep_partials:
+            for staged in self.private_dir.glob(f"ready-a{self.job.attempt}*"):
+                staged.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(self.private_dir, ignore_errors=True)
+        self.release()
+
+    def clear_partials(self) -> None:
+        shutil.rmtree(self.download_dir, ignore_errors=True)
+
+    def release(self) -> None:
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
+
+
+def _warn_no_ffmpeg() -> None:
+    global _warned_no_ffmpeg
+    if not _warned_no_ffmpeg:
+        _warned_no_ffmpeg = True
+        log.warning("no ffmpeg found: keeping episodes in their downloaded container "
+                    "(install ffmpeg or imageio-ffmpeg for .mkv)")
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_metadata(storage_dir: Path, job: JobAssign, video: Path, duration: float | None) -> None:
+    """Create or update ``videos/<mal_id>/metadata.json`` atomically, one writer at a time."""
+    path = layout.metadata_path(storage_dir, job.anime_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock_dir = layout.in_progress_root(storage_dir) / ".locks"  # not where the transcriber looks
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    lock_fd = os.open(lock_dir / f"metadata-{job.anime_id}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (FileNotFoundError, ValueError):
+            data = {}
+        data.update({"mal_id": job.anime_id, "title": job.anime_title,
+                     "selected_index": job.selected_index, "selected_title": job.selected_title,
+                     "confidence": job.confidence})
+        episodes = data.setdefault("episodes", {})
+        episodes[str(job.episode)] = {"file": video.name, "duration_seconds": duration}
+        tmp = path.with_name(f".metadata.json.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, ensure_ascii=False, indent=2, sort_keys=True) + "\n",
+                       encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        os.close(lock_fd)

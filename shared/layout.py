@@ -1,0 +1,59 @@
+"""Where things live on the storage filesystem (the contract with the transcriber).
+
+``<storage_dir>/videos/<mal_id>/episodes/ep001.<ext>`` are finished episodes;
+nothing else is ever written there but by an atomic rename. Downloads run in
+``<storage_dir>/.in_progress/job-<id>/``, on the same filesystem so that the
+final move is a rename, and outside ``videos/`` so the transcriber never sees a
+half-written file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+IN_PROGRESS_DIRNAME = ".in_progress"
+VIDEO_EXTENSIONS = (".mkv", ".mp4", ".webm", ".ts", ".m4v", ".avi", ".mov")
+# Leftovers of an unfinished download: yt-dlp, aria2c, and our own staging.
+PARTIAL_SUFFIXES = (".part", ".ytdl", ".aria2", ".tmp", ".temp")
+
+
+def episodes_dir(storage_dir: Path, mal_id: int) -> Path:
+    return storage_dir / "videos" / str(mal_id) / "episodes"
+
+
+def episode_stem(episode: int) -> str:
+    return f"ep{episode:03d}"
+
+
+def episode_path(storage_dir: Path, mal_id: int, episode: int, ext: str) -> Path:
+    return episodes_dir(storage_dir, mal_id) / f"{episode_stem(episode)}{ext}"
+
+
+def metadata_path(storage_dir: Path, mal_id: int) -> Path:
+    return storage_dir / "videos" / str(mal_id) / "metadata.json"
+
+
+def in_progress_root(storage_dir: Path) -> Path:
+    return storage_dir / IN_PROGRESS_DIRNAME
+
+
+def job_dir(storage_dir: Path, job_id: int) -> Path:
+    return in_progress_root(storage_dir) / f"job-{job_id}"
+
+
+def job_id_of_dir(path: Path) -> int | None:
+    name = path.name
+    if name.startswith("job-") and name[4:].isdigit():
+        return int(name[4:])
+    return None
+
+
+def find_landed(storage_dir: Path, mal_id: int, episode: int) -> Path | None:
+    """The finished file of an episode, whatever its extension, or None."""
+    directory = episodes_dir(storage_dir, mal_id)
+    stem = episode_stem(episode)
+    for ext in VIDEO_EXTENSIONS:
+        candidate = directory / f"{stem}{ext}"
+        if candidate.is_file():
+            return candidate
+    return None

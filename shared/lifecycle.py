@@ -1,0 +1,81 @@
+"""Process lifecycle shared by the services: logging set-up and stop requests.
+
+Signal handlers only set a flag; ``signal.set_wakeup_fd`` writes a byte to a
+socketpair that each service registers in its zmq poller, so SIGTERM wakes the
+main loop at once instead of after a poll timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+
+DEBUG_ENV = "ANIME_DOWNLOADER_DEBUG"
+
+
+def kv(message: str, **context: object) -> str:
+    """``message key=value ...``; values with spaces are quoted (repr)."""
+    parts = [message]
+    for key, value in context.items():
+        if value is None:
+            continue
+        text = str(value)
+        if not text or any(c.isspace() or c in "\"'=" for c in text):
+            text = repr(text)
+        parts.append(f"{key}={text}")
+    return " ".join(parts)
+
+
+class _UTCFormatter(logging.Formatter):
+    converter = time.gmtime
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", self.converter(record.created))
+        return f"{stamp}.{int(record.msecs):03d}Z"
+
+
+def setup_logging(service: str, verbose: bool = False) -> None:
+    """Log to stderr (supervisord keeps and rotates the files)."""
+    if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        verbose = True
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_UTCFormatter(f"%(asctime)s %(levelname)s {service} %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logging.getLogger("peewee").setLevel(logging.INFO)
+
+
+class StopRequest:
+    """Counts SIGTERM/SIGINT; ``wakeup_fd`` becomes readable when one arrives."""
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> None:
+        self.count = 0
+        self._reader, self._writer = socket.socketpair()
+        self._reader.setblocking(False)
+        self._writer.setblocking(False)
+        signal.set_wakeup_fd(self._writer.fileno(), warn_on_full_buffer=False)
+        for sig in signals:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.count += 1
+
+    @property
+    def wakeup_fd(self) -> int:
+        return self._reader.fileno()
+
+    def drain(self) -> None:
+        try:
+            while self._reader.recv(512):
+                pass
+        except BlockingIOError:
+            pass
+
+    @property
+    def requested(self) -> bool:
+        return self.count > 0

@@ -1,0 +1,286 @@
+"""Every ZeroMQ message of the system, defined once.
+
+A message travels as two frames, ``[kind, body]``: the kind as ASCII bytes (so a
+SUB prefix filter works) and the body a msgpack map carrying ``v`` (the protocol
+version) and the message's fields. ``decode`` checks the kind, the version and
+every field's type and raises ``ProtocolError`` for anything else; callers log
+and drop such frames. This is the only module that imports msgpack.
+
+Conversation between a worker (DEALER) and the dispatcher (ROUTER)::
+
+    worker                         dispatcher
+    WorkerReady(seq)        ->                      "I hold nothing; give me one job"
+                            <-     JobAssign         a lease: job_id + attempt
+    JobHeartbeat (every ~2s)->                      extends the lease, carries progress
+    JobFinished             ->                      file verified, staged in private dir
+                            <-     JobCommit         lease still ours: rename into place
+                            <-     JobCancel         lease lost: discard the file
+    JobLanded               ->                      renamed; dispatcher records downloaded
+    JobFailed               ->                      error / timeout / interrupted / ...
+                            <-     JobAck            terminal message recorded
+    WorkerBye               ->                      worker is exiting
+
+Terminal messages (finished, landed, failed) are re-sent until answered, so a
+dispatcher restart loses nothing; the dispatcher treats repeats idempotently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import msgpack
+
+VERSION = 1
+MAX_MESSAGE_BYTES = 256 * 1024  # also set as ZMQ_MAXMSGSIZE on every socket
+
+# Why a job attempt ended without a file (JobFailed.reason). Only ERROR and
+# TIMEOUT count towards max_retries; the others hand the job back untouched.
+REASON_ERROR = "error"
+REASON_TIMEOUT = "timeout"
+REASON_INTERRUPTED = "interrupted"  # operator stop: SIGTERM to the worker
+REASON_NO_SPACE = "no_space"  # ENOSPC while writing
+REASON_HARD_LIMIT = "hard_limit"  # aborted because usage reached hard_limit_gb
+REASON_INVALID = "invalid"  # the job row itself cannot be run; fails at once
+REASON_DRY_RUN = "dry_run"  # --dry-run: argv carries the command it would have run
+FAIL_REASONS = (REASON_ERROR, REASON_TIMEOUT, REASON_INTERRUPTED, REASON_NO_SPACE,
+                REASON_HARD_LIMIT, REASON_INVALID, REASON_DRY_RUN)
+
+
+class ProtocolError(ValueError):
+    """A frame that is not a valid message of this protocol."""
+
+
+@dataclass(frozen=True)
+class Message:
+    """Base of all messages; subclasses declare KIND and typed fields."""
+
+    KIND: ClassVar[str] = ""
+
+
+_REGISTRY: dict[str, type[Message]] = {}
+
+
+def message(kind: str):
+    """Class decorator: register a frozen dataclass as the message ``kind``."""
+
+    def register(cls: type) -> type:
+        cls = dataclass(frozen=True)(cls)
+        cls.KIND = kind
+        if kind in _REGISTRY:
+            raise RuntimeError(f"duplicate message kind {kind}")
+        _REGISTRY[kind] = cls
+        return cls
+
+    return register
+
+
+# --- worker <-> dispatcher ---------------------------------------------------
+
+@message("worker.ready")
+class WorkerReady(Message):
+    """The worker holds no job and asks for one. ``seq`` grows with each idle
+    period; repeats of one seq (re-sent while idle) are one credit, not many."""
+    worker_id: str
+    session: str
+    seq: int
+    host: str = ""
+
+
+@message("worker.bye")
+class WorkerBye(Message):
+    worker_id: str
+    session: str
+
+
+@message("job.assign")
+class JobAssign(Message):
+    job_id: int
+    attempt: int
+    anime_id: int
+    anime_title: str
+    episode: int
+    selected_index: int
+    selected_title: str
+    confidence: str
+    lease_seconds: float
+    rate_limit_bps: int  # 0 = unlimited; the worker's share of total_bandwidth_mbps
+    dry_run: bool = False
+
+
+@message("job.heartbeat")
+class JobHeartbeat(Message):
+    worker_id: str
+    session: str
+    job_id: int
+    attempt: int
+    bytes: int
+    percent: float | None = None
+    speed_bps: float | None = None
+    eta_seconds: float | None = None
+    state: str = "downloading"  # downloading | verifying | stopping
+    started_at: float = 0.0
+
+
+@message("job.finished")
+class JobFinished(Message):
+    """A verified file waits in the job's private directory for the go-ahead."""
+    worker_id: str
+    session: str
+    job_id: int
+    attempt: int
+    ext: str
+    size_bytes: int
+    duration_seconds: float | None = None
+
+
+@message("job.commit")
+class JobCommit(Message):
+    job_id: int
+    attempt: int
+    video_path: str
+
+
+@message("job.landed")
+class JobLanded(Message):
+    worker_id: str
+    session: str
+    job_id: int
+    attempt: int
+    video_path: str
+    size_bytes: int
+    duration_seconds: float | None = None
+
+
+@message("job.failed")
+class JobFailed(Message):
+    worker_id: str
+    session: str
+    job_id: int
+    attempt: int
+    reason: str
+    error: str
+    argv: list = field(default_factory=list)  # dry run: the command it would have run
+
+
+@message("job.ack")
+class JobAck(Message):
+    job_id: int
+    attempt: int
+
+
+@message("job.cancel")
+class JobCancel(Message):
+    job_id: int
+    attempt: int
+    reason: str
+
+
+# --- disk-watcher ------------------------------------------------------------
+
+@message("disk.state")
+class DiskStateMsg(Message):
+    seq: int
+    state: str  # running | paused | hard_limit
+    usage_bytes: int
+    breakdown: dict
+    free_bytes: int
+    pause_threshold_bytes: int
+    resume_threshold_bytes: int
+    hard_limit_bytes: int
+    min_free_bytes: int
+    measured_at: float
+    published_at: float
+
+
+@message("disk.measure")
+class DiskMeasure(Message):
+    """Ask the disk-watcher to re-measure now (a download landed, or the
+    dispatcher is about to admit against an old measurement)."""
+    reason: str
+    requested_at: float = 0.0
+
+
+# --- status probe ------------------------------------------------------------
+
+@message("status.request")
+class StatusRequest(Message):
+    pass
+
+
+@message("status.reply")
+class StatusReply(Message):
+    status: dict
+
+
+def kinds() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def message_class(kind: str) -> type[Message]:
+    return _REGISTRY[kind]
+
+
+def encode(msg: Message) -> list[bytes]:
+    body = dataclasses.asdict(msg)
+    body["v"] = VERSION
+    return [msg.KIND.encode("ascii"), msgpack.packb(body, use_bin_type=True)]
+
+
+def _check_type(name: str, expected: Any, value: Any) -> None:
+    allowed = _allowed_types(expected)
+    if value is None and type(None) in allowed:
+        return
+    if isinstance(value, bool) and bool not in allowed:
+        raise ProtocolError(f"field {name}: expected {expected}, got bool")
+    if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+        return
+    if not isinstance(value, tuple(t for t in allowed if t is not type(None))):
+        raise ProtocolError(f"field {name}: expected {expected}, got {type(value).__name__}")
+
+
+_TYPE_NAMES = {"int": int, "str": str, "float": float, "bool": bool, "dict": dict,
+               "list": list, "None": type(None)}
+
+
+def _allowed_types(annotation: str) -> tuple[type, ...]:
+    # Annotations are strings (from __future__ import annotations): "float | None".
+    return tuple(_TYPE_NAMES[part.strip()] for part in str(annotation).split("|"))
+
+
+def decode(frames: list[bytes]) -> Message:
+    """Turn ``[kind, body]`` into its Message; raise ProtocolError on anything else."""
+    if len(frames) != 2:
+        raise ProtocolError(f"expected 2 frames, got {len(frames)}")
+    raw_kind, raw_body = frames
+    if len(raw_body) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"message of {len(raw_body)} bytes is over {MAX_MESSAGE_BYTES}")
+    try:
+        kind = raw_kind.decode("ascii")
+    except UnicodeDecodeError:
+        raise ProtocolError("kind is not ASCII") from None
+    cls = _REGISTRY.get(kind)
+    if cls is None:
+        raise ProtocolError(f"unknown kind {kind[:40]!r}")
+    try:
+        body = msgpack.unpackb(raw_body, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise ProtocolError(f"{kind}: body is not msgpack: {exc}") from None
+    if not isinstance(body, dict):
+        raise ProtocolError(f"{kind}: body is not a map")
+    if body.pop("v", None) != VERSION:
+        raise ProtocolError(f"{kind}: unsupported protocol version")
+    return _build(cls, kind, body)
+
+
+def _build(cls: type[Message], kind: str, body: dict) -> Message:
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name in body:
+            _check_type(f"{kind}.{f.name}", f.type, body[f.name])
+            values[f.name] = body[f.name]
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ProtocolError(f"{kind}: missing field {f.name}")
+    # Unknown extra fields are ignored: a newer peer may add optional fields.
+    return cls(**values)

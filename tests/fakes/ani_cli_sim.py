@@ -1,0 +1,799 @@
+"""Simulated ani-cli v5, driven by a JSON catalog (stdlib only, any python3).
+
+The executable ``tests/fakes/ani-cli`` runs :func:`main`. It stands in for the
+real ani-cli (see ``/work/shared/ani-cli-v5.md``) in tests and in the demo: same
+flags, same messages, same exit codes, same file names, same progress output.
+
+Command line (as ani-cli parses it)
+-----------------------------------
+``-S/--select-nth N``   1-based search result. Out of range, 0, negative or not a
+                        number: ``Invalid anime selection`` (exit 1). Without
+                        ``-S`` a single result is taken; several results would
+                        open fzf, so the simulation dies ``Invalid anime selection``.
+``-e/--episode/-r/--range E``  a single episode number (``-1`` = last episode).
+                        No ``-e`` at all or an empty value: ``Invalid episode!``;
+                        anything but an integer (ranges included): ``Invalid range!``;
+                        outside 1..episodes: ``Episode not released!``.
+``-d/--download``       download (same as ``ANI_CLI_PLAYER=download``).
+``-q/--quality Q``      accepted; unless Q is ``best``/``worst`` or a substring of
+                        one of the qualities (default 1080, 720, 480, 360), warns
+                        ``<Q> not found, defaulting to best`` on stderr and goes on.
+``--dub -c/--continue -v/--vlc --skip --no-detach --exit-after-play -N --rofi -U``
+                        accepted and ignored (``--skip-title`` eats its argument).
+``-V/--version``        prints ``5.0.0``, exit 0.
+A flag that needs a value but is last: ``missing argument!`` (exit 1).
+Every other word (``--frobnicate`` too) is a word of the search query; words
+are joined with single spaces.
+
+Order of checks (each one ``die``s: red on stderr, exit 1):
+  flag errors -> ``No player found`` (neither ``-d`` nor ``ANI_CLI_PLAYER=download``)
+  -> ``missing argument!`` (empty query; DEVIATION: the real one loops for ever
+  reading stdin, the simulation dies instead) -> ``No results found!`` (no
+  catalog, unreadable catalog, unknown query) -> ``Invalid anime selection``
+  -> ``Invalid episode!`` / ``Invalid range!`` / ``Episode not released!``
+  -> behaviour ``fail`` / ``fail_times``.
+``die`` prints ``\\033[2K\\r\\033[1;31m<message>\\033[0m\\n`` to stderr, exactly
+like ani-cli's ``die()``.
+
+After the checks it prints ``Playing episode N...`` and runs the "downloader".
+Whatever the downloader does, the exit code is then 0 (ani-cli ends with
+``exit 0``), unless the behaviour sets ``exit_code``.
+
+Catalog
+-------
+Path in env ``ANI_CLI_SIM_CATALOG`` (missing env or file: ``No results found!``)::
+
+    {
+      "defaults": {"size": 1024, "duration": 0.0},
+      "anime": [
+        {"query": "Fullmetal Alchemist: Brotherhood",
+         "results": [
+            {"title": "Fullmetal Alchemist", "episodes": 51},
+            {"title": "Fullmetal Alchemist: Brotherhood (site)", "episodes": 64,
+             "id": "optional-show-id",
+             "behaviour": {"size": 2048},
+             "episode_behaviour": {"3": {"fail": "Episode is released, but no valid sources!"}}}
+         ]}
+      ]
+    }
+
+Query matching: the joined query words and each entry's ``query`` are compared
+case-insensitively (``str.casefold``) after collapsing runs of whitespace to one
+space; the first exact match wins. Titles and queries are plain data: quotes,
+``$(...)``, backticks, ``;``, newlines and non-ASCII are matched and used
+literally, never through a shell. ``-S N`` picks ``results[N-1]``. ``id`` is
+optional (default: a hash of the title); it only appears in the history file.
+
+The file is ``$ANI_CLI_DOWNLOAD_DIR/<title> Episode <n>.mp4`` (dir default ``.``,
+created if missing like yt-dlp does), the title UNSANITISED (a ``/`` in it makes
+a sub-directory, as yt-dlp would).
+
+Behaviour
+---------
+Effective behaviour = ``defaults``, overridden key by key by the result's
+``behaviour``, overridden by ``episode_behaviour["<n>"]``. Keys:
+
+``size``          int, bytes to write (default 1024; 0 gives an empty file).
+``duration``      float seconds the download takes (default 0): bytes are
+                  written at an even rate, flushed chunk by chunk (the ``.part``
+                  grows on disk during the run), progress redrawn at least
+                  every 0.1 s.
+``chunk``         int, write chunk size (default 65536).
+``qualities``     list of quality names for ``-q`` (default 1080/720/480/360).
+``fail``          message: die with it (exit 1) before writing anything.
+``fail_times``    int N: the first N runs for this (title, episode) die with
+                  ``fail_message`` (default ``No results found!``), later runs go
+                  on. Counters live in ``$ANI_CLI_SIM_STATE/ani-cli-sim-state.json``
+                  (dir default: the catalog's directory), guarded by ``flock`` on
+                  ``ani-cli-sim-state.lock``: safe under concurrent runs.
+``no_file``       true: prints the destination and a 0% progress line, then
+                  ``ERROR: unable to download video data: HTTP Error 404: Not Found``
+                  on stderr; writes no file; exit 0 (a failed yt-dlp).
+``leave_part``    true: writes the first half of the bytes into ``<name>.part``
+                  and exits 0 without renaming (a truncated download).
+``hang``          true: writes the first half into ``<name>.part`` then sleeps
+                  for ever, file still open (a stalled download). SIGTERM ends it
+                  (exit 143). ``"ignore_term"``: SIGTERM is ignored too, only
+                  SIGKILL ends it.
+``spawn_child``   true: before downloading, starts ``sleep 1000`` (stdin
+                  /dev/null, stdout/stderr inherited, same process group) and
+                  logs its pid (run-log event ``child``). It is NOT killed when
+                  the simulation exits: only killing the group reaps it.
+``enospc_after``  int N: writing fails with ENOSPC once N bytes are written.
+``stderr_lines``  list of strings printed to stderr just before exiting (before
+                  the die message when the run dies).
+``exit_code``     int, exit code instead of 0 (a crash of ani-cli itself); not
+                  used when the run dies (always 1) or is terminated (143).
+``hls_url``       URL (``{episode}`` is replaced by the episode number): instead
+                  of writing bytes, does what ani-cli v5 does (lines 299-302):
+                  ``yt-dlp URL --no-skip-unavailable-fragments --fragment-retries
+                  infinite -N 16 -o "<dir>/<title> Episode <n>.mp4" $ANI_CLI_PLAYER_FLAGS``
+                  and, if yt-dlp is missing or fails, ``ffmpeg -extension_picky 0
+                  -loglevel error -stats -i URL -c copy <dir>/<title> Episode <n>.mp4
+                  $ANI_CLI_PLAYER_FLAGS``; stdio inherited, same process group,
+                  argument lists (no shell); exit 0 whatever they return.
+                  ``yt-dlp``/``ffmpeg`` are looked up on PATH; without ffmpeg on
+                  PATH, ``imageio_ffmpeg.get_ffmpeg_exe()`` if importable.
+                  ``$ANI_CLI_PLAYER_FLAGS`` is split on whitespace (the shell's
+                  word splitting of an unquoted variable: quotes in it are NOT
+                  interpreted, exactly like the real script).
+
+Writing mimics yt-dlp: ``[download] Destination: <path>``, then ``<name>.part``
+written in chunks and renamed to ``<name>`` at the end; progress lines on stdout
+redrawn with ``\\r``::
+
+    \\r[download]  42.0% of    1.00MiB at    3.10MiB/s ETA 00:01
+    \\r[download] 100% of    1.00MiB in 00:00:01 at 1.00MiB/s\\n
+
+Any OSError while writing (ENOSPC...) prints ``ERROR: unable to write data: <exc>``
+on stderr (e.g. ``[Errno 28] No space left on device``), leaves the ``.part``
+as it is and exits 0. SIGTERM/SIGINT at any time exits 143/130 promptly,
+leaving the ``.part`` (an interrupted yt-dlp).
+
+Environment
+-----------
+``ANI_CLI_SIM_CATALOG``   catalog path (required for any result).
+``ANI_CLI_SIM_STATE``     directory of the ``fail_times`` counters.
+``ANI_CLI_SIM_LOG``       run log (JSON lines), see below.
+``ANI_CLI_PLAYER``        must be ``download`` unless ``-d`` is given.
+``ANI_CLI_DOWNLOAD_DIR``  download directory (default ``.``).
+``ANI_CLI_HIST_DIR``      if set, appends ``<ep>\\t<id>\\t<title>\\n`` to
+                          ``$ANI_CLI_HIST_DIR/ani-hsts`` after the downloader
+                          (dir created if needed; errors ignored).
+``ANI_CLI_PLAYER_FLAGS``  extra downloader words (``hls_url`` only).
+
+Run log
+-------
+If ``ANI_CLI_SIM_LOG`` is set, each invocation appends JSON lines (one
+``write`` on an ``O_APPEND`` descriptor each, so concurrent runs never
+interleave). Every line has ``event``, ``pid``, ``time``, ``argv``, ``query``,
+``select`` (int when -S was an integer, else the raw string, or null),
+``episode`` (same), ``title`` (site title once selected, else null),
+``download_dir``, ``cwd``, ``player`` (env ANI_CLI_PLAYER), ``hist_dir``,
+``player_flags`` (raw env), ``download`` (-d given), ``quality``, ``dub``.
+Events:
+
+``start``  right after the flags are parsed (title null).
+``child``  ``child_pid`` of the ``spawn_child`` process, as soon as it runs.
+``exec``   ``cmd``: the argument list of a downloader run (``hls_url``),
+           ``program`` (resolved path or null), ``child_pid``.
+``end``    ``outcome``, ``exit_code``, ``bytes`` (bytes written, or size of
+           the final file for ``hls_url``), ``path`` (final file), ``attempt``
+           (1-based run count for ``fail_times``, else null), ``child_pid``,
+           ``error`` (die message or write error, else null). Outcomes:
+           ``ok``, ``failed`` (died), ``no_file``, ``partial`` (leave_part),
+           ``enospc``, ``write_error`` (other OSError), ``terminated``
+           (SIGTERM/SIGINT), ``downloader_failed`` (hls_url: both commands
+           failed), ``version``.
+A run killed with SIGKILL logs no ``end``.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+VERSION = "5.0.0"
+DEFAULT_CHUNK = 64 * 1024
+DEFAULT_QUALITIES = ["1080", "720", "480", "360"]
+TICK = 0.05  # seconds between progress redraws (must stay < 0.1)
+STATE_FILE = "ani-cli-sim-state.json"
+LOCK_FILE = "ani-cli-sim-state.lock"
+FLAGS_WITH_VALUE = {
+    "-S": "select", "--select-nth": "select",
+    "-e": "episode", "--episode": "episode", "-r": "episode", "--range": "episode",
+    "-q": "quality", "--quality": "quality",
+    "--skip-title": "skip_title",
+}
+IGNORED_FLAGS = {
+    "-c", "--continue", "-v", "--vlc", "--skip", "--no-detach",
+    "--exit-after-play", "-N", "--nextep-countdown", "--rofi", "-U", "--update",
+}
+
+
+class Die(Exception):
+    """ani-cli's ``die``: message in red on stderr, exit 1."""
+
+
+class Terminated(BaseException):
+    """Raised by the SIGTERM/SIGINT handler."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@dataclass
+class Options:
+    """The parsed command line."""
+
+    query_words: List[str] = field(default_factory=list)
+    select: Optional[str] = None
+    episode: Optional[str] = None
+    quality: Optional[str] = None
+    skip_title: Optional[str] = None
+    download: bool = False
+    dub: bool = False
+    version: bool = False
+    error: Optional[str] = None
+
+    @property
+    def query(self) -> str:
+        return " ".join(self.query_words)
+
+
+@dataclass
+class Record:
+    """What happened during this run (fed to the run log's ``end`` event)."""
+
+    title: Optional[str] = None
+    behaviour: Dict[str, Any] = field(default_factory=dict)
+    outcome: Optional[str] = None
+    error: Optional[str] = None
+    bytes: int = 0
+    path: Optional[str] = None
+    attempt: Optional[int] = None
+    child_pid: Optional[int] = None
+
+
+# --------------------------------------------------------------------------- output
+
+
+def eprint(text: str) -> None:
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+def out(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def die_text(message: str) -> str:
+    return "\033[2K\r\033[1;31m%s\033[0m\n" % message
+
+
+def format_bytes(num: float) -> str:
+    """yt-dlp's ``format_bytes``: ``1.00MiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(num) < 1024 or unit == "TiB":
+            return "%.2f%s" % (num, unit)
+        num /= 1024.0
+    raise AssertionError("unreachable")
+
+
+def format_clock(seconds: float, hours: bool) -> str:
+    secs = int(seconds)
+    h, rest = divmod(secs, 3600)
+    m, s = divmod(rest, 60)
+    if hours or h:
+        return "%02d:%02d:%02d" % (h, m, s)
+    return "%02d:%02d" % (m, s)
+
+
+def progress_line(done: int, total: int, elapsed: float) -> str:
+    """A yt-dlp progress line (without the leading ``\\r``)."""
+    percent = 100.0 * done / total if total else 100.0
+    if elapsed > 0 and done > 0:
+        speed = done / elapsed
+        speed_str = format_bytes(speed) + "/s"
+        eta = format_clock((total - done) / speed, hours=False)
+    else:
+        speed_str, eta = "Unknown B/s", "Unknown"
+    return "[download] %5.1f%% of %10s at %10s ETA %s" % (
+        percent, format_bytes(total), speed_str, eta)
+
+
+def final_line(total: int, elapsed: float) -> str:
+    speed = total / elapsed if elapsed > 0 else float(total)
+    return "[download] 100%% of %10s in %s at %s/s" % (
+        format_bytes(total), format_clock(elapsed, hours=True), format_bytes(speed))
+
+
+class Progress:
+    """Redraws the progress line with ``\\r``, at most every ``TICK`` seconds."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.start = time.monotonic()
+        self.last = -1.0
+        self.shown = False
+
+    def show(self, done: int, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and self.last >= 0 and now - self.last < TICK:
+            return
+        self.last = now
+        self.shown = True
+        out("\r" + progress_line(done, self.total, now - self.start))
+
+    def finish(self) -> None:
+        out("\r" + final_line(self.total, time.monotonic() - self.start) + "\n")
+
+    def abort(self) -> None:
+        if self.shown:
+            out("\n")
+
+
+# --------------------------------------------------------------------------- run log
+
+
+class RunLog:
+    """Appends one JSON line per event to ``$ANI_CLI_SIM_LOG`` (if set)."""
+
+    def __init__(self, path: Optional[str], base: Dict[str, Any]) -> None:
+        self.path = path
+        self.base = base
+
+    def emit(self, event: str, **fields: Any) -> None:
+        if not self.path:
+            return
+        entry = {"event": event, "time": time.time()}
+        entry.update(self.base)
+        entry.update(fields)
+        line = (json.dumps(entry, ensure_ascii=True) + "\n").encode("ascii")
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError:
+            return
+        try:
+            os.write(fd, line)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
+def maybe_int(value: Optional[str]) -> Any:
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        return value
+
+
+def log_base(argv: List[str], opts: Options, env: Dict[str, str]) -> Dict[str, Any]:
+    return {
+        "pid": os.getpid(),
+        "argv": list(argv),
+        "query": opts.query,
+        "select": maybe_int(opts.select),
+        "episode": maybe_int(opts.episode),
+        "title": None,
+        "download_dir": env.get("ANI_CLI_DOWNLOAD_DIR", "."),
+        "cwd": os.getcwd(),
+        "player": env.get("ANI_CLI_PLAYER"),
+        "hist_dir": env.get("ANI_CLI_HIST_DIR"),
+        "player_flags": env.get("ANI_CLI_PLAYER_FLAGS"),
+        "download": opts.download,
+        "quality": opts.quality,
+        "dub": opts.dub,
+    }
+
+
+# --------------------------------------------------------------------------- flags
+
+
+def parse_args(argv: List[str]) -> Options:
+    """Parse like ani-cli's ``while [ $# -gt 0 ]; case "$1" ...`` loop.
+
+    A missing flag value is recorded in ``Options.error`` (so the run can be
+    logged before dying) instead of raising.
+    """
+    opts = Options()
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        if word in FLAGS_WITH_VALUE:
+            if i + 1 >= len(argv):
+                opts.error = opts.error or "missing argument!"
+                break
+            setattr(opts, FLAGS_WITH_VALUE[word], argv[i + 1])
+            i += 1
+        elif word in ("-d", "--download"):
+            opts.download = True
+        elif word == "--dub":
+            opts.dub = True
+        elif word in ("-V", "--version"):
+            opts.version = True
+        elif word not in IGNORED_FLAGS:
+            opts.query_words.append(word)
+        i += 1
+    return opts
+
+
+def require_player(opts: Options, env: Dict[str, str]) -> None:
+    if not (opts.download or env.get("ANI_CLI_PLAYER") == "download"):
+        raise Die("No player found")
+
+
+# --------------------------------------------------------------------------- catalog
+
+
+def normalise(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
+def load_catalog(env: Dict[str, str]) -> Dict[str, Any]:
+    path = env.get("ANI_CLI_SIM_CATALOG")
+    if not path:
+        eprint("ani-cli-sim: ANI_CLI_SIM_CATALOG is not set")
+        raise Die("No results found!")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            catalog = json.load(fh)
+    except (OSError, ValueError) as exc:
+        eprint("ani-cli-sim: cannot read catalog %s: %s" % (path, exc))
+        raise Die("No results found!")
+    if not isinstance(catalog, dict):
+        raise Die("No results found!")
+    return catalog
+
+
+def search(catalog: Dict[str, Any], query: str) -> List[Dict[str, Any]]:
+    wanted = normalise(query)
+    for entry in catalog.get("anime", []):
+        if normalise(str(entry.get("query", ""))) == wanted:
+            return list(entry.get("results", []))
+    return []
+
+
+def select_result(results: List[Dict[str, Any]], select: Optional[str]) -> Dict[str, Any]:
+    if select is None:
+        if len(results) == 1:
+            return results[0]
+        raise Die("Invalid anime selection")
+    try:
+        index = int(select.strip())
+    except ValueError:
+        raise Die("Invalid anime selection")
+    if not 1 <= index <= len(results):
+        raise Die("Invalid anime selection")
+    return results[index - 1]
+
+
+def parse_episode(value: Optional[str], episodes: int) -> int:
+    if value is None or value == "":
+        raise Die("Invalid episode!")
+    try:
+        number = int(value.strip())
+    except ValueError:
+        raise Die("Invalid range!")
+    if number == -1 and episodes > 0:
+        number = episodes
+    if not 1 <= number <= episodes:
+        raise Die("Episode not released!")
+    return number
+
+
+def effective_behaviour(catalog: Dict[str, Any], result: Dict[str, Any],
+                        episode: int) -> Dict[str, Any]:
+    behaviour: Dict[str, Any] = {"size": 1024, "duration": 0.0}
+    behaviour.update(catalog.get("defaults", {}))
+    behaviour.update(result.get("behaviour", {}))
+    behaviour.update(result.get("episode_behaviour", {}).get(str(episode), {}))
+    return behaviour
+
+
+def show_id(result: Dict[str, Any]) -> str:
+    if "id" in result:
+        return str(result["id"])
+    digest = hashlib.sha1(str(result["title"]).encode("utf-8", "surrogatepass"))
+    return digest.hexdigest()[:12]
+
+
+def check_quality(quality: Optional[str], behaviour: Dict[str, Any]) -> None:
+    if quality is None or quality in ("best", "worst"):
+        return
+    qualities = [str(q) for q in behaviour.get("qualities", DEFAULT_QUALITIES)]
+    if not any(quality in q for q in qualities):
+        eprint("%s not found, defaulting to best" % quality)
+
+
+# --------------------------------------------------------------------------- failures
+
+
+def state_dir(env: Dict[str, str]) -> str:
+    configured = env.get("ANI_CLI_SIM_STATE")
+    if configured:
+        return configured
+    catalog = env.get("ANI_CLI_SIM_CATALOG", "")
+    return os.path.dirname(os.path.abspath(catalog)) if catalog else os.getcwd()
+
+
+def next_attempt(directory: str, title: str, episode: int) -> int:
+    """Increment and return the run counter of (title, episode), under flock."""
+    os.makedirs(directory, exist_ok=True)
+    key = json.dumps([title, episode], ensure_ascii=True)
+    state_path = os.path.join(directory, STATE_FILE)
+    with open(os.path.join(directory, LOCK_FILE), "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            with open(state_path, encoding="utf-8") as fh:
+                state = json.load(fh)
+        except (OSError, ValueError):
+            state = {}
+        attempt = int(state.get(key, 0)) + 1
+        state[key] = attempt
+        tmp = "%s.%d.tmp" % (state_path, os.getpid())
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(state, fh)
+        os.replace(tmp, state_path)
+    return attempt
+
+
+def apply_failures(behaviour: Dict[str, Any], record: Record, episode: int,
+                   env: Dict[str, str]) -> None:
+    if behaviour.get("fail"):
+        raise Die(str(behaviour["fail"]))
+    limit = int(behaviour.get("fail_times", 0) or 0)
+    if limit > 0:
+        record.attempt = next_attempt(state_dir(env), str(record.title), episode)
+        if record.attempt <= limit:
+            raise Die(str(behaviour.get("fail_message", "No results found!")))
+
+
+# --------------------------------------------------------------------------- downloader
+
+
+def spawn_child(log: RunLog, record: Record) -> None:
+    child = subprocess.Popen(["sleep", "1000"], stdin=subprocess.DEVNULL)
+    record.child_pid = child.pid
+    log.emit("child", child_pid=child.pid)
+
+
+def payload(offset: int, length: int) -> bytes:
+    block = bytes(range(256))
+    start = offset % 256
+    reps = (start + length) // 256 + 1
+    return (block * reps)[start:start + length]
+
+
+def sleep_forever() -> None:
+    while True:
+        time.sleep(3600)
+
+
+def write_chunks(fh: Any, record: Record, target: int, chunk: int,
+                 limit: Optional[int], progress: Progress) -> None:
+    """Write from ``record.bytes`` up to ``target``, flushing each chunk."""
+    while record.bytes < target:
+        size = min(chunk, target - record.bytes)
+        if limit is not None and record.bytes + size > limit:
+            size = limit - record.bytes
+            if size <= 0:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        fh.write(payload(record.bytes, size))
+        fh.flush()
+        record.bytes += size
+        progress.show(record.bytes)
+
+
+def pump(fh: Any, behaviour: Dict[str, Any], stop_at: int, record: Record,
+         progress: Progress) -> None:
+    """Write ``stop_at`` bytes at the even rate ``size / duration``."""
+    size = int(behaviour.get("size", 0))
+    duration = float(behaviour.get("duration", 0) or 0)
+    chunk = max(1, int(behaviour.get("chunk", DEFAULT_CHUNK)))
+    limit = behaviour.get("enospc_after")
+    limit = None if limit is None else int(limit)
+    start = time.monotonic()
+    while True:
+        fraction = 1.0 if duration <= 0 else min(1.0, (time.monotonic() - start) / duration)
+        target = stop_at if fraction >= 1.0 else min(stop_at, int(size * fraction))
+        write_chunks(fh, record, target, chunk, limit, progress)
+        progress.show(record.bytes, force=True)
+        if fraction >= 1.0 or (stop_at < size and record.bytes >= stop_at):
+            return
+        time.sleep(TICK)
+
+
+def write_download(out_path: str, behaviour: Dict[str, Any], record: Record) -> None:
+    """The byte-writing downloader: ``<name>.part`` then rename, like yt-dlp."""
+    size = int(behaviour.get("size", 0))
+    partial = bool(behaviour.get("leave_part") or behaviour.get("hang"))
+    stop_at = size // 2 if partial else size
+    part = out_path + ".part"
+    progress = Progress(size)
+    out("[download] Destination: %s\n" % out_path)
+    try:
+        os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
+        with open(part, "wb") as fh:
+            pump(fh, behaviour, stop_at, record, progress)
+            if behaviour.get("hang"):
+                sleep_forever()
+        if behaviour.get("leave_part"):
+            progress.abort()
+            record.outcome = "partial"
+            return
+        os.replace(part, out_path)
+    except (OSError, ValueError) as exc:
+        progress.abort()
+        eprint("ERROR: unable to write data: %s" % exc)
+        enospc = isinstance(exc, OSError) and exc.errno == errno.ENOSPC
+        record.outcome = "enospc" if enospc else "write_error"
+        record.error = str(exc)
+        return
+    progress.finish()
+    record.outcome = "ok"
+    record.path = out_path
+
+
+def fake_failed_download(out_path: str, behaviour: Dict[str, Any], record: Record) -> None:
+    """``no_file``: looks like a yt-dlp run that got nothing."""
+    out("[download] Destination: %s\n" % out_path)
+    out("\r" + progress_line(0, int(behaviour.get("size", 0)), 0.0) + "\n")
+    eprint("ERROR: unable to download video data: HTTP Error 404: Not Found")
+    record.outcome = "no_file"
+
+
+def split_player_flags(raw: Optional[str]) -> List[str]:
+    """The shell's word splitting of an unquoted ``$ANI_CLI_PLAYER_FLAGS``."""
+    return (raw or "").split()
+
+
+def downloader_commands(url: str, out_path: str, player_flags: List[str]) -> List[List[str]]:
+    """ani-cli v5's downloader (lines 299-302): yt-dlp, then the ffmpeg fallback."""
+    return [
+        ["yt-dlp", url, "--no-skip-unavailable-fragments", "--fragment-retries",
+         "infinite", "-N", "16", "-o", out_path] + list(player_flags),
+        ["ffmpeg", "-extension_picky", "0", "-loglevel", "error", "-stats",
+         "-i", url, "-c", "copy", out_path] + list(player_flags),
+    ]
+
+
+def find_program(name: str) -> Optional[str]:
+    found = shutil.which(name)
+    if found or name != "ffmpeg":
+        return found
+    try:
+        import imageio_ffmpeg  # type: ignore
+        return str(imageio_ffmpeg.get_ffmpeg_exe())
+    except Exception:
+        return None
+
+
+def run_downloaders(url: str, out_path: str, env: Dict[str, str], log: RunLog,
+                    record: Record) -> None:
+    """``yt-dlp ... || ffmpeg ...``; the result is ignored, like ani-cli does."""
+    flags = split_player_flags(env.get("ANI_CLI_PLAYER_FLAGS"))
+    record.outcome = "downloader_failed"
+    for cmd in downloader_commands(url, out_path, flags):
+        program = find_program(cmd[0])
+        if program is None:
+            log.emit("exec", cmd=cmd, program=None, child_pid=None)
+            eprint("ani-cli-sim: %s: command not found" % cmd[0])
+            continue
+        # Popen + wait, not subprocess.call: on SIGTERM the shell script dies and
+        # leaves its downloader running; subprocess.call would kill it.
+        child = subprocess.Popen([program] + cmd[1:])
+        log.emit("exec", cmd=cmd, program=program, child_pid=child.pid)
+        if child.wait() == 0:
+            record.outcome = "ok"
+            break
+    if os.path.isfile(out_path):
+        record.path = out_path
+        record.bytes = os.path.getsize(out_path)
+
+
+def download(episode: int, behaviour: Dict[str, Any], env: Dict[str, str],
+             log: RunLog, record: Record) -> None:
+    name = "%s Episode %d.mp4" % (record.title, episode)
+    out_path = os.path.join(env.get("ANI_CLI_DOWNLOAD_DIR", "."), name)
+    if behaviour.get("spawn_child"):
+        spawn_child(log, record)
+    if behaviour.get("hang") == "ignore_term":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if behaviour.get("hls_url"):
+        if behaviour.get("hang"):
+            sleep_forever()
+        url = str(behaviour["hls_url"]).replace("{episode}", str(episode))
+        run_downloaders(url, out_path, env, log, record)
+    elif behaviour.get("no_file"):
+        fake_failed_download(out_path, behaviour, record)
+    else:
+        write_download(out_path, behaviour, record)
+
+
+def append_history(env: Dict[str, str], episode: int, ident: str, title: str) -> None:
+    hist_dir = env.get("ANI_CLI_HIST_DIR")
+    if not hist_dir:
+        return
+    line = ("%d\t%s\t%s\n" % (episode, ident, title)).encode("utf-8", "surrogateescape")
+    try:
+        os.makedirs(hist_dir, exist_ok=True)
+        fd = os.open(os.path.join(hist_dir, "ani-hsts"),
+                     os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+# --------------------------------------------------------------------------- main
+
+
+def run(opts: Options, env: Dict[str, str], log: RunLog, record: Record) -> int:
+    """Everything after flag parsing; raises Die. Returns the exit code."""
+    if opts.error:
+        raise Die(opts.error)
+    if opts.version:
+        out(VERSION + "\n")
+        record.outcome = "version"
+        return 0
+    require_player(opts, env)
+    if not opts.query.strip():
+        raise Die("missing argument!")
+    catalog = load_catalog(env)
+    results = search(catalog, opts.query)
+    if not results:
+        raise Die("No results found!")
+    result = select_result(results, opts.select)
+    record.title = str(result.get("title", ""))
+    log.base["title"] = record.title
+    episode = parse_episode(opts.episode, int(result.get("episodes", 0)))
+    record.behaviour = effective_behaviour(catalog, result, episode)
+    apply_failures(record.behaviour, record, episode, env)
+    check_quality(opts.quality, record.behaviour)
+    out("Playing episode %d...\n" % episode)
+    download(episode, record.behaviour, env, log, record)
+    append_history(env, episode, show_id(result), record.title)
+    print_stderr_lines(record)
+    return int(record.behaviour.get("exit_code", 0))
+
+
+def print_stderr_lines(record: Record) -> None:
+    for line in record.behaviour.get("stderr_lines", []) or []:
+        eprint(str(line))
+
+
+def on_signal(signum: int, _frame: Any) -> None:
+    raise Terminated(signum)
+
+
+def setup_streams() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="backslashreplace")  # type: ignore[attr-defined]
+        except (AttributeError, ValueError):
+            pass
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    env = dict(os.environ)
+    setup_streams()
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    opts = parse_args(argv)
+    log = RunLog(env.get("ANI_CLI_SIM_LOG"), log_base(argv, opts, env))
+    record = Record()
+    try:
+        log.emit("start")
+        code = run(opts, env, log, record)
+    except Die as exc:
+        print_stderr_lines(record)
+        sys.stderr.write(die_text(str(exc)))
+        sys.stderr.flush()
+        record.outcome, record.error, code = "failed", str(exc), 1
+    except Terminated as exc:
+        record.outcome = "terminated"
+        code = 128 + exc.signum
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    log.emit("end", outcome=record.outcome, exit_code=code, bytes=record.bytes,
+             path=record.path, attempt=record.attempt, child_pid=record.child_pid,
+             error=record.error)
+    return code

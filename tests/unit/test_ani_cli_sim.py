@@ -1,0 +1,462 @@
+"""Tests of the simulated ani-cli (tests/fakes/ani-cli), run as a real executable."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional
+
+import pytest
+
+FAKES = Path(__file__).resolve().parents[1] / "fakes"
+SIM = FAKES / "ani-cli"
+_spec = importlib.util.spec_from_file_location("ani_cli_sim", FAKES / "ani_cli_sim.py")
+assert _spec is not None and _spec.loader is not None
+ani_cli_sim = importlib.util.module_from_spec(_spec)
+sys.modules.setdefault("ani_cli_sim", ani_cli_sim)  # dataclasses look it up
+_spec.loader.exec_module(ani_cli_sim)
+FMA_QUERY = "Fullmetal Alchemist: Brotherhood"
+FMA_SITE = "Fullmetal Alchemist: Brotherhood (site)"
+HOSTILE = "Naruto \"S\" $(touch pwned) `touch pwned2`; echo x > pwned3 'q' — Ünïcödé ☃"
+
+
+def red(message: str) -> str:
+    return "\033[2K\r\033[1;31m%s\033[0m\n" % message
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 5.0) -> Any:
+    """Poll ``predicate`` until it is truthy or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.01)
+    raise AssertionError("condition not met within %.1f s" % timeout)
+
+
+def alive(pid: int) -> bool:
+    """True if ``pid`` exists and is not a zombie."""
+    try:
+        stat = Path("/proc/%d/stat" % pid).read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+class Sim:
+    """A catalog, a download dir and a run log in a temporary directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.dl = root / "dl"
+        self.log = root / "run.jsonl"
+        self.catalog_path = root / "catalog.json"
+        self.procs: List[subprocess.Popen] = []
+
+    def catalog(self, results: List[Dict[str, Any]], query: str = FMA_QUERY,
+                defaults: Optional[Dict[str, Any]] = None) -> None:
+        data = {"defaults": defaults or {"size": 1024, "duration": 0.0},
+                "anime": [{"query": query, "results": results}]}
+        self.catalog_path.write_text(json.dumps(data), encoding="utf-8")
+
+    def env(self, **overrides: Optional[str]) -> Dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ANI_CLI")}
+        # The venv's python3 first: skips slow shims behind /usr/bin/env python3.
+        env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+        env.update({
+            "ANI_CLI_PLAYER": "download",
+            "ANI_CLI_SIM_CATALOG": str(self.catalog_path),
+            "ANI_CLI_SIM_LOG": str(self.log),
+            "ANI_CLI_DOWNLOAD_DIR": str(self.dl),
+        })
+        for key, value in overrides.items():
+            if value is None:
+                env.pop(key, None)
+            else:
+                env[key] = value
+        return env
+
+    def run(self, *args: str, timeout: float = 10, **env: Optional[str]
+            ) -> subprocess.CompletedProcess:
+        # Bytes, decoded by hand: text mode would turn the "\r" redraws into "\n".
+        res = subprocess.run([str(SIM), *args], env=self.env(**env), cwd=self.root,
+                             stdin=subprocess.DEVNULL, capture_output=True,
+                             timeout=timeout)
+        return subprocess.CompletedProcess(res.args, res.returncode,
+                                           res.stdout.decode("utf-8"),
+                                           res.stderr.decode("utf-8"))
+
+    def popen(self, *args: str, **env: Optional[str]) -> subprocess.Popen:
+        proc = subprocess.Popen([str(SIM), *args], env=self.env(**env), cwd=self.root,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def events(self, event: Optional[str] = None) -> List[Dict[str, Any]]:
+        if not self.log.exists():
+            return []
+        lines = [json.loads(line) for line in self.log.read_text().splitlines()]
+        return [e for e in lines if event is None or e["event"] == event]
+
+    def files(self) -> List[str]:
+        return sorted(p.name for p in self.dl.iterdir()) if self.dl.exists() else []
+
+    def cleanup(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait(timeout=5)
+
+
+@pytest.fixture
+def sim(tmp_path: Path) -> Iterator[Sim]:
+    s = Sim(tmp_path)
+    s.catalog([{"title": "Fullmetal Alchemist", "episodes": 51},
+               {"title": FMA_SITE, "episodes": 64}])
+    yield s
+    s.cleanup()
+
+
+def test_executable_is_executable() -> None:
+    assert os.access(SIM, os.X_OK)
+    assert SIM.read_text().startswith("#!/usr/bin/env python3\n")
+
+
+def test_normal_download(sim: Sim) -> None:
+    size = 300_000
+    sim.catalog([{"title": "Fullmetal Alchemist", "episodes": 51},
+                 {"title": FMA_SITE, "episodes": 64,
+                  "behaviour": {"size": size, "duration": 0.3, "chunk": 8192}}])
+    res = sim.run("-S", "2", "-e", "3", "fullmetal", "alchemist:", "BROTHERHOOD")
+    assert res.returncode == 0, res.stderr
+    name = "%s Episode 3.mp4" % FMA_SITE
+    assert sim.files() == [name]
+    assert (sim.dl / name).stat().st_size == size
+    assert res.stderr == ""
+    assert res.stdout.startswith("Playing episode 3...\n[download] Destination: %s\n"
+                                 % (sim.dl / name))
+    progress = res.stdout.split("Destination: ", 1)[1].split("\n", 1)[1]
+    assert progress.count("\n") == 1 and progress.endswith("\n")
+    frames = progress.rstrip("\n").split("\r")[1:]
+    assert len(frames) >= 3  # redrawn at least every 0.1 s over 0.3 s
+    line = re.compile(r"\[download\] +\d+\.\d% of +[\d.]+KiB at +(\S+|Unknown B/s) ETA \S+$")
+    assert all(line.match(f) for f in frames[:-1]), frames
+    assert re.match(r"\[download\] 100% of  292\.97KiB in 00:00:0\d at [\d.]+[KM]iB/s$",
+                    frames[-1]), frames[-1]
+
+
+def test_part_file_grows_during_the_run(sim: Sim) -> None:
+    size = 1_000_000
+    sim.catalog([{"title": "FMA", "episodes": 2,
+                  "behaviour": {"size": size, "duration": 0.6, "chunk": 4096}}])
+    proc = sim.popen("-S", "1", "-e", "2", FMA_QUERY)
+    part = sim.dl / "FMA Episode 2.mp4.part"
+
+    def partial_size() -> bool:
+        return part.exists() and 0 < part.stat().st_size < size
+
+    wait_for(partial_size)
+    assert proc.wait(timeout=5) == 0
+    assert sim.files() == ["FMA Episode 2.mp4"]
+
+
+def test_d_flag_replaces_player_env(sim: Sim) -> None:
+    res = sim.run("-d", "-S", "1", "-e", "1", FMA_QUERY, ANI_CLI_PLAYER=None)
+    assert res.returncode == 0, res.stderr
+    assert sim.files() == ["Fullmetal Alchemist Episode 1.mp4"]
+
+
+@pytest.mark.parametrize("player", [None, "mpv"])
+def test_no_player_found(sim: Sim, player: Optional[str]) -> None:
+    res = sim.run("-S", "1", "-e", "1", FMA_QUERY, ANI_CLI_PLAYER=player)
+    assert (res.returncode, res.stderr) == (1, red("No player found"))
+    assert sim.files() == []
+
+
+@pytest.mark.parametrize("select", ["3", "0", "-1", "abc", ""])
+def test_select_out_of_range(sim: Sim, select: str) -> None:
+    res = sim.run("-S", select, "-e", "1", FMA_QUERY)
+    assert (res.returncode, res.stderr) == (1, red("Invalid anime selection"))
+    assert sim.files() == []
+
+
+def test_several_results_without_select(sim: Sim) -> None:
+    res = sim.run("-e", "1", FMA_QUERY)
+    assert (res.returncode, res.stderr) == (1, red("Invalid anime selection"))
+
+
+def test_unknown_query(sim: Sim) -> None:
+    res = sim.run("-S", "1", "-e", "1", "Fullmetal", "Alchemist")
+    assert (res.returncode, res.stderr) == (1, red("No results found!"))
+
+
+def test_missing_catalog(sim: Sim) -> None:
+    res = sim.run("-S", "1", "-e", "1", FMA_QUERY, ANI_CLI_SIM_CATALOG=None)
+    assert res.returncode == 1
+    assert res.stderr.endswith(red("No results found!"))
+    res = sim.run("-S", "1", "-e", "1", FMA_QUERY,
+                  ANI_CLI_SIM_CATALOG=str(sim.root / "nope.json"))
+    assert res.returncode == 1
+    assert res.stderr.endswith(red("No results found!"))
+
+
+def test_unknown_flags_are_query_words(sim: Sim) -> None:
+    sim.catalog([{"title": "X", "episodes": 1}], query="--frobnicate naruto")
+    res = sim.run("--frobnicate", "-S", "1", "--dub", "-e", "1", "naruto",
+                  "--skip", "--no-detach", "--exit-after-play", "-c", "-v")
+    assert res.returncode == 0, res.stderr
+    assert sim.events("end")[0]["query"] == "--frobnicate naruto"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-S", "1", FMA_QUERY], "Invalid episode!"),
+    (["-S", "1", "-e", "", FMA_QUERY], "Invalid episode!"),
+    (["-S", "1", "-e", "abc", FMA_QUERY], "Invalid range!"),
+    (["-S", "1", "-e", "1-3", FMA_QUERY], "Invalid range!"),
+    (["-S", "1", "-e", "52", FMA_QUERY], "Episode not released!"),
+    (["-S", "1", "-e", "0", FMA_QUERY], "Episode not released!"),
+    (["-S", "1", FMA_QUERY, "-e"], "missing argument!"),
+    (["-S", "1", "-e", "1"], "missing argument!"),
+])
+def test_episode_and_argument_errors(sim: Sim, args: List[str], message: str) -> None:
+    res = sim.run(*args)
+    assert (res.returncode, res.stderr) == (1, red(message))
+    assert sim.files() == []
+
+
+def test_quality_warning_goes_on(sim: Sim) -> None:
+    res = sim.run("-q", "4k", "-S", "1", "-e", "1", FMA_QUERY)
+    assert res.returncode == 0
+    assert res.stderr == "4k not found, defaulting to best\n"
+    res = sim.run("-q", "720", "-S", "1", "-e", "2", FMA_QUERY)
+    assert (res.returncode, res.stderr) == (0, "")
+    assert len(sim.files()) == 2
+
+
+def test_fail(sim: Sim) -> None:
+    message = "Episode is released, but no valid sources!"
+    sim.catalog([{"title": "FMA", "episodes": 64,
+                  "episode_behaviour": {"3": {"fail": message}}}])
+    res = sim.run("-S", "1", "-e", "3", FMA_QUERY)
+    assert (res.returncode, res.stderr) == (1, red(message))
+    assert sim.files() == []
+    assert sim.run("-S", "1", "-e", "4", FMA_QUERY).returncode == 0
+
+
+def test_fail_times_then_succeeds(sim: Sim) -> None:
+    sim.catalog([{"title": "FMA", "episodes": 64, "behaviour": {"fail_times": 1},
+                  "episode_behaviour": {"5": {"fail_times": 2, "fail_message": "Boom"}}}])
+    results = [sim.run("-S", "1", "-e", "5", FMA_QUERY) for _ in range(3)]
+    assert [r.returncode for r in results] == [1, 1, 0]
+    assert results[0].stderr == red("Boom")
+    assert sim.files() == ["FMA Episode 5.mp4"]
+    # Another episode has its own counter; the default message.
+    res = sim.run("-S", "1", "-e", "6", FMA_QUERY)
+    assert (res.returncode, res.stderr) == (1, red("No results found!"))
+    assert [e["attempt"] for e in sim.events("end")] == [1, 2, 3, 1]
+
+
+def test_fail_times_counter_is_concurrency_safe(sim: Sim) -> None:
+    sim.catalog([{"title": "FMA", "episodes": 64, "behaviour": {"fail_times": 3}}])
+    state = sim.root / "state"
+    procs = [subprocess.Popen([str(SIM), "-S", "1", "-e", "7", FMA_QUERY],
+                              env=sim.env(ANI_CLI_SIM_STATE=str(state),
+                                          ANI_CLI_DOWNLOAD_DIR=str(sim.root / ("d%d" % i))),
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+             for i in range(8)]
+    codes = sorted(p.wait(timeout=10) for p in procs)
+    assert codes == [0] * 5 + [1] * 3
+    assert sorted(e["attempt"] for e in sim.events("end")) == list(range(1, 9))
+    assert (state / "ani-cli-sim-state.json").exists()
+
+
+def test_no_file(sim: Sim) -> None:
+    sim.catalog([{"title": "FMA", "episodes": 3, "behaviour": {"no_file": True}}])
+    res = sim.run("-S", "1", "-e", "1", FMA_QUERY)
+    assert res.returncode == 0
+    assert "\r[download]" in res.stdout
+    assert res.stderr.startswith("ERROR:")
+    assert sim.files() == []
+    assert sim.events("end")[0]["outcome"] == "no_file"
+
+
+def test_leave_part(sim: Sim) -> None:
+    sim.catalog([{"title": "FMA", "episodes": 3,
+                  "behaviour": {"size": 10_000, "leave_part": True}}])
+    res = sim.run("-S", "1", "-e", "1", FMA_QUERY)
+    assert res.returncode == 0
+    assert sim.files() == ["FMA Episode 1.mp4.part"]
+    assert (sim.dl / "FMA Episode 1.mp4.part").stat().st_size == 5_000
+    assert sim.events("end")[0]["outcome"] == "partial"
+
+
+def test_enospc(sim: Sim) -> None:
+    sim.catalog([{"title": "FMA", "episodes": 3,
+                  "behaviour": {"size": 10_000, "chunk": 1000, "enospc_after": 4_500}}])
+    res = sim.run("-S", "1", "-e", "1", FMA_QUERY)
+    assert res.returncode == 0
+    assert res.stderr == ("ERROR: unable to write data: "
+                          "[Errno 28] No space left on device\n")
+    assert sim.files() == ["FMA Episode 1.mp4.part"]
+    assert (sim.dl / "FMA Episode 1.mp4.part").stat().st_size == 4_500
+    end = sim.events("end")[0]
+    assert (end["outcome"], end["bytes"], end["exit_code"]) == ("enospc", 4_500, 0)
+
+
+def test_empty_file(sim: Sim) -> None:
+    sim.catalog([{"title": "FMA", "episodes": 3, "behaviour": {"size": 0}}])
+    assert sim.run("-S", "1", "-e", "2", FMA_QUERY).returncode == 0
+    assert (sim.dl / "FMA Episode 2.mp4").stat().st_size == 0
+
+
+def test_stderr_lines_and_exit_code(sim: Sim) -> None:
+    sim.catalog([{"title": "FMA", "episodes": 3,
+                  "behaviour": {"stderr_lines": ["tail 1", "tail 2"], "exit_code": 3},
+                  "episode_behaviour": {"2": {"fail": "Nope"}}}])
+    res = sim.run("-S", "1", "-e", "1", FMA_QUERY)
+    assert (res.returncode, res.stderr) == (3, "tail 1\ntail 2\n")
+    res = sim.run("-S", "1", "-e", "2", FMA_QUERY)
+    assert (res.returncode, res.stderr) == (1, "tail 1\ntail 2\n" + red("Nope"))
+
+
+def test_hang_killed_with_its_group(sim: Sim) -> None:
+    sim.catalog([{"title": "FMA", "episodes": 3,
+                  "behaviour": {"size": 4096, "hang": True, "spawn_child": True}}])
+    proc = sim.popen("-S", "1", "-e", "1", FMA_QUERY)
+    child = wait_for(lambda: [e["child_pid"] for e in sim.events("child")])[0]
+    assert os.getpgid(child) == proc.pid
+    part = sim.dl / "FMA Episode 1.mp4.part"
+    wait_for(lambda: part.exists() and part.stat().st_size == 2048)
+    with pytest.raises(subprocess.TimeoutExpired):
+        proc.wait(timeout=0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.wait(timeout=5) == -signal.SIGKILL
+    wait_for(lambda: not alive(child))
+    assert sim.files() == ["FMA Episode 1.mp4.part"]
+    assert sim.events("end") == []
+
+
+def test_sigterm_exits_143_leaving_part(sim: Sim) -> None:
+    sim.catalog([{"title": "FMA", "episodes": 3, "behaviour": {"size": 4096, "hang": True}}])
+    proc = sim.popen("-S", "1", "-e", "1", FMA_QUERY)
+    part = sim.dl / "FMA Episode 1.mp4.part"
+    wait_for(lambda: part.exists() and part.stat().st_size == 2048)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=5) == 143
+    assert sim.files() == ["FMA Episode 1.mp4.part"]
+    end = sim.events("end")[0]
+    assert (end["outcome"], end["exit_code"], end["bytes"]) == ("terminated", 143, 2048)
+
+
+def test_hang_ignore_term(sim: Sim) -> None:
+    sim.catalog([{"title": "FMA", "episodes": 3,
+                  "behaviour": {"size": 10, "hang": "ignore_term"}}])
+    proc = sim.popen("-S", "1", "-e", "1", FMA_QUERY)
+    part = sim.dl / "FMA Episode 1.mp4.part"
+    wait_for(lambda: part.exists() and part.stat().st_size == 5)
+    proc.send_signal(signal.SIGTERM)
+    with pytest.raises(subprocess.TimeoutExpired):
+        proc.wait(timeout=0.3)
+    os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.wait(timeout=5) == -signal.SIGKILL
+
+
+def test_hostile_title_is_literal(sim: Sim) -> None:
+    title = HOSTILE + "\nsecond line"
+    sim.catalog([{"title": title, "episodes": 3}], query=HOSTILE)
+    hist = sim.root / "hist"
+    res = sim.run("-S", "1", "-e", "2", HOSTILE, ANI_CLI_HIST_DIR=str(hist))
+    assert res.returncode == 0, res.stderr
+    assert sim.files() == ["%s Episode 2.mp4" % title]
+    assert list(sim.root.rglob("pwned*")) == []
+    # Word splitting of the query does not matter, case neither.
+    res = sim.run("-S", "1", "-e", "3", *HOSTILE.upper().split(), ANI_CLI_HIST_DIR=str(hist))
+    assert res.returncode == 0, res.stderr
+    assert list(sim.root.rglob("pwned*")) == []
+    lines = (hist / "ani-hsts").read_text(encoding="utf-8").split("\n")
+    assert lines[0].startswith("2\t") and lines[0].endswith("\t" + HOSTILE)
+    assert sim.events("end")[0]["title"] == title
+
+
+def test_run_log(sim: Sim) -> None:
+    sim.catalog([{"title": "A", "episodes": 3}, {"title": "B", "episodes": 9}])
+    assert sim.run("-S", "2", "-e", "9", FMA_QUERY, ANI_CLI_PLAYER_FLAGS="-q").returncode == 0
+    assert sim.run("-S", "x", "-e", "1", FMA_QUERY).returncode == 1
+    events = sim.events()
+    assert [e["event"] for e in events] == ["start", "end", "start", "end"]
+    start, end = events[0], events[1]
+    assert start["pid"] == end["pid"]
+    assert start["argv"] == ["-S", "2", "-e", "9", FMA_QUERY]
+    assert (start["select"], start["episode"], start["title"]) == (2, 9, None)
+    assert (start["query"], start["player"], start["player_flags"]) == (
+        FMA_QUERY, "download", "-q")
+    assert (start["download_dir"], start["cwd"]) == (str(sim.dl), str(sim.root))
+    assert (end["title"], end["outcome"], end["bytes"], end["exit_code"]) == ("B", "ok", 1024, 0)
+    assert end["path"] == str(sim.dl / "B Episode 9.mp4")
+    failed = events[3]
+    assert (failed["select"], failed["outcome"], failed["error"]) == (
+        "x", "failed", "Invalid anime selection")
+
+
+def test_downloader_commands() -> None:
+    url, out = "http://127.0.0.1:8000/x/1.m3u8", "/d/A: \"b\" Episode 1.mp4"
+    assert ani_cli_sim.downloader_commands(url, out, ["--limit-rate", "1M"]) == [
+        ["yt-dlp", url, "--no-skip-unavailable-fragments", "--fragment-retries",
+         "infinite", "-N", "16", "-o", out, "--limit-rate", "1M"],
+        ["ffmpeg", "-extension_picky", "0", "-loglevel", "error", "-stats",
+         "-i", url, "-c", "copy", out, "--limit-rate", "1M"],
+    ]
+    assert ani_cli_sim.downloader_commands(url, out, [])[0][-1] == out
+
+
+def test_player_flags_split_like_the_shell() -> None:
+    split = ani_cli_sim.split_player_flags
+    assert split(None) == [] and split("  ") == []
+    assert split(" --limit-rate\t1M \n-q") == ["--limit-rate", "1M", "-q"]
+    # An unquoted $VAR is split on whitespace; quotes inside it stay literal.
+    assert split('--user-agent "a b"') == ["--user-agent", '"a', 'b"']
+
+
+def test_hls_url_runs_ytdlp_then_ffmpeg(sim: Sim) -> None:
+    """The code path only, with fake yt-dlp (fails) and ffmpeg (writes the file)."""
+    bin_dir = sim.root / "bin"
+    bin_dir.mkdir()
+    sim.dl.mkdir()  # ani-cli does not create it; yt-dlp would, ffmpeg does not
+    for name, body in [("yt-dlp", "exit 1"),
+                       ("ffmpeg", 'printf x > "${10}"')]:
+        script = bin_dir / name
+        script.write_text('#!/bin/sh\nprintf "%%s\\n" "$@" > "%s/%s.args"\n%s\n'
+                          % (sim.root, name, body))
+        script.chmod(0o755)
+    sim.catalog([{"title": "T", "episodes": 2,
+                  "behaviour": {"hls_url": "http://h/{episode}/index.m3u8"}}])
+    path = os.pathsep.join([str(bin_dir), os.path.dirname(sys.executable),
+                            os.environ.get("PATH", "")])
+    res = sim.run("-S", "1", "-e", "2", FMA_QUERY, PATH=path,
+                  ANI_CLI_PLAYER_FLAGS="--limit-rate 1M")
+    assert res.returncode == 0, res.stderr
+    out = str(sim.dl / "T Episode 2.mp4")
+    url = "http://h/2/index.m3u8"
+    assert (sim.root / "yt-dlp.args").read_text().splitlines() == [
+        url, "--no-skip-unavailable-fragments", "--fragment-retries", "infinite",
+        "-N", "16", "-o", out, "--limit-rate", "1M"]
+    assert (sim.root / "ffmpeg.args").read_text().splitlines() == [
+        "-extension_picky", "0", "-loglevel", "error", "-stats", "-i", url,
+        "-c", "copy", out, "--limit-rate", "1M"]
+    assert [e["cmd"][0] for e in sim.events("exec")] == ["yt-dlp", "ffmpeg"]
+    assert Path(out).read_bytes() == b"x"
+    end = sim.events("end")[0]
+    assert (end["outcome"], end["bytes"], end["path"]) == ("ok", 1, out)
