@@ -88,6 +88,7 @@ def render(template: str, config: Config, args: argparse.Namespace) -> str:
     if args.exit_when_done:
         parser.set("program:dispatcher", "autorestart", "unexpected")
         parser.set("program:dispatcher", "exitcodes", "0")
+        parser.set("program:dispatcher", "startsecs", "0")  # "done" may come at once
     out = io.StringIO()
     parser.write(out)
     return out.getvalue()

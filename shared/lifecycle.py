@@ -7,6 +7,7 @@ main loop at once instead of after a poll timeout.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -18,10 +19,14 @@ DEBUG_ENV = "ANIME_DOWNLOADER_DEBUG"
 
 
 def kv(message: str, **context: object) -> str:
-    """``message key=value ...``; values with spaces are quoted (repr)."""
+    """``message key=value ...``; values with spaces are quoted (repr), lists are JSON
+    (an argument list reads exactly as the program receives it)."""
     parts = [message]
     for key, value in context.items():
         if value is None:
+            continue
+        if isinstance(value, (list, tuple)):
+            parts.append(f"{key}={json.dumps(list(value), ensure_ascii=False)}")
             continue
         text = str(value)
         if not text or any(c.isspace() or c in "\"'=" for c in text):

@@ -24,7 +24,7 @@ from typing import Callable
 from shared import layout
 from shared.config import Config
 from shared.lifecycle import kv
-from shared.models import STAGE_DOWNLOADED, STAGE_FAILED, STAGE_QUEUED
+from shared.models import STAGE_DOWNLOADED, STAGE_DOWNLOADING, STAGE_FAILED, STAGE_QUEUED
 from shared.protocol import (REASON_DRY_RUN, REASON_ERROR,
                              REASON_INVALID, REASON_NO_SPACE, REASON_TIMEOUT, DiskMeasure,
                              DiskStateMsg, JobAck, JobAssign, JobCancel, JobCommit, JobFailed,
@@ -310,7 +310,7 @@ class Dispatcher:
             self.admission.reservations.pop(msg.job_id, None)
             self.store.requeue(msg.job_id, msg.attempt, False, None, lambda n: None)
             self.dry_run_done += 1
-            log.info(kv("dry run: would run", argv=" ".join(map(repr, msg.argv)), **context))
+            log.info(kv("dry run: would run", argv=msg.argv, **context))
             return ack
         if msg.reason == REASON_INVALID:
             self._end_lease(lease, now)
@@ -351,7 +351,7 @@ class Dispatcher:
             if base <= 0:
                 return None
             delay = min(cap, base * 2 ** max(0, retry_count - 1))
-            return now + delay * self.rng.uniform(0.75, 1.25)
+            return now + min(cap, delay * self.rng.uniform(0.75, 1.25))  # the cap holds
 
         return at
 
@@ -429,7 +429,11 @@ class Dispatcher:
                     self._request_measure("admission against an old measurement", now)
                 break
             if self._queue_empty:
-                break
+                retry_at = self.detail.get("next_retry_at")
+                if retry_at is None or now < retry_at:
+                    break
+                self._queue_empty = False  # a backoff ran out since the queue looked empty
+                self.detail["next_retry_at"] = None
             identity, (seq, _) = next(iter(self.idle.items()))
             job = self.store.claim_next(identity.decode(), now + self.config.queue.lease_seconds, now)
             if job is None:
@@ -495,7 +499,7 @@ class Dispatcher:
 
     def runnable_left(self, now: float) -> int:
         self._refresh_counts(now, force=True)
-        return self.detail["queued_here"] - self.detail["waiting_for_selection"]
+        return self.detail["runnable"]
 
     def done(self, now: float) -> bool:
         """Nothing runnable is queued and nothing is in flight."""

@@ -188,7 +188,7 @@ class SqlJobStore:
         waiting, backing_off, soonest, queued = row
         soonest = soonest if (soonest or 0) > now else None
         return {"waiting_for_selection": waiting or 0, "backing_off": backing_off or 0,
-                "next_retry_at": soonest, "queued_here": queued or 0}
+                "next_retry_at": soonest, "runnable": (queued or 0) - (waiting or 0)}
 
     def animes_without_selection(self) -> list[int]:
         cursor = self.db.execute_sql(
@@ -262,9 +262,12 @@ class DryRunStore(SqlJobStore):
         return []
 
     def queue_detail(self, now: float) -> dict:
-        detail = super().queue_detail(now)
-        detail["queued_here"] = len(self._pending)
-        return detail
+        """Only the contract's columns: an upstream database is read as it is."""
+        (waiting,) = self.db.execute_sql(
+            "SELECT COUNT(*) FROM jobs j LEFT JOIN anime_selection_cache s ON s.mal_id = j.anime_id "
+            "WHERE j.stage = 'queued' AND s.mal_id IS NULL").fetchone()
+        return {"waiting_for_selection": waiting, "backing_off": 0, "next_retry_at": None,
+                "runnable": len(self._pending)}
 
     def recent_sizes(self, limit: int = 500) -> list[tuple[int, int]]:
         try:

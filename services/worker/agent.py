@@ -203,7 +203,7 @@ class Worker:
         log.info(kv("job received", anime_title=job.anime_title, **self.ctx))
         if job.dry_run:
             self._fail(REASON_DRY_RUN, "dry run", argv=self.attempt.argv())
-            log.info(kv("dry run: would run", argv=" ".join(map(repr, self.attempt.argv())),
+            log.info(kv("dry run: would run", argv=self.attempt.argv(),
                         **self.ctx))
             return
         try:

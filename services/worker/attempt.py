@@ -111,7 +111,7 @@ class Attempt:
                                  self.job.rate_limit_bps)
         self.proc = download.start(argv, self.download_dir, env)
         self.deadline = time.monotonic() + d.timeout_seconds
-        log.info(kv("ani-cli started", pid=self.proc.pid, argv=" ".join(map(repr, argv)),
+        log.info(kv("ani-cli started", pid=self.proc.pid, argv=argv,
                     **self.context))
 
     # --- while running ------------------------------------------------------

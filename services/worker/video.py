@@ -206,7 +206,7 @@ def _mp4_check(path: Path, size: int) -> None:
             f.seek(pos)
             hdr = f.read(16)
             if len(hdr) < 8:
-                raise NotAVideo(f"truncated MP4: {size - pos} stray bytes after the last box")
+                break  # a few stray bytes after the last box: players ignore them, so do we
             box_size, box_type = struct.unpack(">I4s", hdr[:8])
             if box_size == 1:
                 if len(hdr) < 16:

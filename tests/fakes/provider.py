@@ -373,17 +373,20 @@ class Provider:
     def set_behaviour(self, slug: str, episode: str | int | float | None = None, **fields: Any) -> None:
         """Merge ``fields`` into the behaviour of ``slug`` (all episodes) or (slug, episode).
 
-        Setting ``fail``/``drop`` restarts the request counters of that scope, so
-        "fail segment 1 twice" means the next two requests of segment 1.
+        Setting ``fail``/``drop`` restarts the request counters of the segments
+        named, so "fail segment 1 twice" means the next two requests of segment 1.
         """
         fields = _validate_fields(fields)
+        if not NAME_RE.match(slug):
+            raise ProviderError(f"bad slug {slug!r}")
         ep = None if episode is None else _episode_str(episode)
         with self._lock:
             current = self._behaviours.setdefault((slug, ep), {})
             current.update(fields)
-            if "fail" in fields or "drop" in fields:
-                for key in [k for k in self._counters if k[1] == slug and (ep is None or k[2] == ep)]:
-                    if key[0] in fields:
+            for what in ("fail", "drop"):
+                if what in fields:
+                    for key in [k for k in self._counters if k[0] == what and k[1] == slug
+                                and (ep is None or k[2] == ep) and k[3] in fields[what]]:
                         del self._counters[key]
 
     # Convenience wrappers (each merges one field).
@@ -450,7 +453,7 @@ class Provider:
         with self._lock:
             return len(self._log)
 
-    def wait_for(self, predicate: Callable[[list[dict[str, Any]]], bool] | None = None, *,
+    def wait_for(self, predicate: Callable[[dict[str, Any]], bool] | None = None, *,
                  timeout: float = 10.0, count: int = 1, since: int = 0, **match: Any) -> list[dict[str, Any]]:
         """Block until the log has ``count`` entries matching ``match`` (and ``predicate`` per entry).
 
@@ -512,6 +515,8 @@ class Provider:
                 pass
             return
         try:
+            if method == "POST":
+                req.close_connection = True  # its body is not read: do not reuse the connection
             status, ctype, body, tag, drop = self._route(method, path, entry)
             entry["behaviour"] = tag
             entry["status"] = status

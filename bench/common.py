@@ -1,0 +1,205 @@
+"""Shared helpers of the bench scripts (run by hand, not by CI).
+
+An installation in a short temp directory (ipc:// paths must stay under 107
+bytes), a catalog for the simulated ani-cli, bulk job inserts in the contract
+schema, the environment both sides of a comparison run with, and the process
+tree of a running system (psutil).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from shared.models import CONTRACT_DDL  # noqa: E402  (stdlib + the contract DDL only)
+
+SIM_ANI_CLI = REPO / "tests" / "fakes" / "ani-cli"
+BIN = Path(sys.executable).parent  # the venv's bin dir: console scripts, supervisord, python3
+TITLE = "Bench Show"
+MAL_ID = 1
+
+# Production-like timings; verify/remux off because the simulated files are not videos.
+BASE_CONFIG: dict[str, dict[str, Any]] = {
+    "data": {"root_dir": "data", "storage_dir": "storage"},
+    "disk_management": {"hard_limit_gb": 300, "pause_threshold_gb": 280, "resume_threshold_gb": 250,
+                        "min_free_gb": 0.01, "check_interval_seconds": 30,
+                        "cache_duration_seconds": 5, "max_concurrent_downloads": 5,
+                        "expected_episode_size_mb": 500},
+    "downloader": {"command": str(SIM_ANI_CLI), "verify": False, "container": "keep",
+                   "timeout_seconds": 600, "retry_backoff_seconds": 0},
+    "queue": {"lease_seconds": 30, "heartbeat_seconds": 2},
+}
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(value)
+
+
+class Install:
+    """config.toml, catalog.json, data/ and storage/ under /tmp/adb-XXXX."""
+
+    def __init__(self, overrides: dict[str, dict[str, Any]] | None = None, episodes: int = 100_000,
+                 size: int = 1024, duration: float = 0.0) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="adb-", dir="/tmp"))
+        tables = json.loads(json.dumps(BASE_CONFIG))
+        for table, values in (overrides or {}).items():
+            tables.setdefault(table, {}).update(values)
+        lines = []
+        for table, values in tables.items():
+            lines.append(f"[{table}]")
+            lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+            lines.append("")
+        self.config_path = self.root / "config.toml"
+        self.config_path.write_text("\n".join(lines))
+        self.catalog_path = self.root / "catalog.json"
+        self.catalog_path.write_text(json.dumps({
+            "defaults": {"size": size, "duration": duration},
+            "anime": [{"query": TITLE, "results": [{"title": TITLE, "episodes": episodes}]}]}))
+        self.data.mkdir()
+        self.storage.mkdir()
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def storage(self) -> Path:
+        return self.root / "storage"
+
+    @property
+    def db_path(self) -> Path:
+        return self.data / "jobs.db"
+
+    def env(self) -> dict[str, str]:
+        return bench_env(self.catalog_path)
+
+    def log(self, program: str) -> str:
+        path = self.data / "logs" / f"{program}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def bench_env(catalog: Path) -> dict[str, str]:
+    """The venv's bin dir first on PATH: the sim's ``#!/usr/bin/env python3`` must not go
+    through a pyenv shim (0.25 s per run). No sim run log: neither side pays for it."""
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}:{env.get('PATH', '')}"
+    env["ANI_CLI_SIM_CATALOG"] = str(catalog)
+    env.pop("ANI_CLI_SIM_LOG", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def insert_jobs(db_path: Path, rows: Iterable[tuple], selections: Iterable[tuple]) -> None:
+    """rows: (id, anime_id, anime_title, episode, stage, video_path, video_size_bytes);
+    selections: (mal_id, selected_index, selected_title, confidence). Contract schema only:
+    the dispatcher adds its columns at start, as it does on an upstream database."""
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(db_path)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        with conn:
+            for ddl in CONTRACT_DDL:
+                conn.execute(ddl)
+            conn.executemany("INSERT INTO jobs (id, anime_id, anime_title, episode, stage, "
+                             "video_path, video_size_bytes) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+            conn.executemany("INSERT INTO anime_selection_cache (mal_id, selected_index, "
+                             "selected_title, confidence) VALUES (?, ?, ?, ?)", selections)
+    finally:
+        conn.close()
+
+
+def insert_simple_queue(db_path: Path, jobs: int) -> None:
+    """``jobs`` queued episodes 1..jobs of one anime, with its selection (index 1)."""
+    insert_jobs(db_path, ((i, MAL_ID, TITLE, i, "queued", None, None) for i in range(1, jobs + 1)),
+                [(MAL_ID, 1, TITLE, "high")])
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.01) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    k = min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def verdict(ok: bool) -> str:
+    return "ok" if ok else "MISSED"
+
+
+def table(headers: list[str], rows: list[list[Any]]) -> str:
+    cells = [[str(c) for c in row] for row in [headers, *rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} cores, {cpu}, Python {sys.version.split()[0]}"
+
+
+def role(cmdline: list[str]) -> str | None:
+    """Which part of the system a process is, from its command line."""
+    text = " ".join(cmdline)
+    if "supervisor.supervisord" in text or text.endswith("supervisord") or "bin/supervisord" in text:
+        return "supervisord"
+    for name in ("anime-dispatcher", "anime-disk-watcher", "anime-worker", "anime-downloader"):
+        if name in text:
+            return {"anime-dispatcher": "dispatcher", "anime-disk-watcher": "disk-watcher",
+                    "anime-worker": "worker", "anime-downloader": "launcher"}[name]
+    if "ani-cli" in text:
+        return "ani-cli"
+    return None
+
+
+def python_cmd(*args: str) -> list[str]:
+    return [str(BIN / "python"), *args]
+
+
+def run_quiet(argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, capture_output=True, text=True, **kwargs)

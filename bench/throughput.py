@@ -1,0 +1,132 @@
+"""Throughput against the spawn limit (run by hand, not by CI).
+
+    python bench/throughput.py [--jobs 2000] [--workers 5] [--rounds 1]
+
+N jobs, each a simulated ani-cli run that writes a 1 KiB file and exits at once:
+
+* system: the whole thing under supervisord, ``anime-downloader -c CONFIG -w 5
+  --exit-when-done``, timed from the launch to the ``summary:`` line. Start-up
+  (launch to the first job assigned, from the dispatcher's log) and the tail
+  (last download recorded to the summary: the done check and supervisord's stop)
+  are reported apart, and the steady rate between them.
+* baseline: ``xargs -0 -P 5 -n 10 env ANI_CLI_...=... ani-cli -S 1 -e N -d TITLE``,
+  the same simulated ani-cli with the same arguments and environment, one private
+  directory per job (``.in_progress/job-N/dl``): the most a shell loop could do.
+
+Both sides run with the venv's bin dir first on PATH. Goal: system / xargs >= 0.9.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (BIN, SIM_ANI_CLI, TITLE, Install, insert_simple_queue, machine,  # noqa: E402
+                    table, verdict)
+from services.worker import download  # noqa: E402
+
+GOAL = 0.9
+STAMP = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3})Z INFO dispatcher (assigned|downloaded) ")
+
+
+def run_xargs(jobs: int, workers: int) -> dict:
+    inst = Install(episodes=jobs)
+    try:
+        args: list[str] = []
+        for ep in range(1, jobs + 1):
+            private = inst.storage / ".in_progress" / f"job-{ep}"
+            argv = download.build_argv(str(SIM_ANI_CLI), 1, ep, (), TITLE)
+            args += ["ANI_CLI_PLAYER=download", f"ANI_CLI_DOWNLOAD_DIR={private / 'dl'}",
+                     f"ANI_CLI_HIST_DIR={private / 'hist'}", *argv]
+        per_job = len(args) // jobs
+        data = b"\0".join(a.encode() for a in args) + b"\0"
+        t0 = time.perf_counter()
+        proc = subprocess.run(["xargs", "-0", "-P", str(workers), "-n", str(per_job), "env"],
+                              input=data, env=inst.env(), cwd=inst.root,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        seconds = time.perf_counter() - t0
+        files = sum(1 for _ in (inst.storage / ".in_progress").glob("job-*/dl/*.mp4"))
+        if proc.returncode != 0 or files != jobs:
+            raise RuntimeError(f"xargs: exit {proc.returncode}, {files} of {jobs} files")
+        return {"seconds": seconds, "rate": jobs / seconds}
+    finally:
+        inst.cleanup()
+
+
+def _log_times(text: str) -> tuple[list[float], list[float]]:
+    assigned, landed = [], []
+    for line in text.splitlines():
+        m = STAMP.match(line)
+        if m:
+            t = datetime.strptime(m.group(1), "%Y-%m-%dT%H:%M:%S.%f").replace(
+                tzinfo=timezone.utc).timestamp()
+            (assigned if m.group(2) == "assigned" else landed).append(t)
+    return assigned, landed
+
+
+def run_system(jobs: int, workers: int) -> dict:
+    inst = Install(episodes=jobs)
+    try:
+        insert_simple_queue(inst.db_path, jobs)
+        wall0, t0 = time.time(), time.perf_counter()
+        proc = subprocess.Popen([str(BIN / "anime-downloader"), "-c", str(inst.config_path),
+                                 "-w", str(workers), "--exit-when-done"],
+                                cwd=inst.root, env=inst.env(), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        summary = None
+        for line in proc.stdout:
+            if line.startswith("summary:"):
+                summary = line.strip()
+                break
+        seconds = time.perf_counter() - t0
+        proc.stdout.close()
+        code = proc.wait(timeout=120)
+        if code != 0 or summary is None or f"downloaded={jobs}," not in summary:
+            raise RuntimeError(f"anime-downloader: exit {code}, {summary!r}; see {inst.root}")
+        assigned, landed = _log_times(inst.log("dispatcher"))
+        first, last = min(assigned) - wall0, max(landed) - wall0
+        steady = last - first
+    except BaseException:
+        print(f"(kept {inst.root} for inspection)", file=sys.stderr)
+        raise
+    inst.cleanup()
+    return {"seconds": seconds, "rate": jobs / seconds, "startup": first,
+            "tail": seconds - last, "steady_rate": (jobs - 1) / steady if steady > 0 else 0.0}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--jobs", type=int, default=2000)
+    ap.add_argument("--workers", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=1, help="alternate baseline and system this often")
+    args = ap.parse_args()
+    print(f"machine: {machine()}")
+    print(f"{args.jobs} jobs, {args.workers} in parallel, simulated ani-cli writing 1 KiB, "
+          f"{args.rounds} round(s)\n")
+    rows, ok = [], True
+    for n in range(args.rounds):
+        base = run_xargs(args.jobs, args.workers)
+        sysr = run_system(args.jobs, args.workers)
+        ratio = sysr["rate"] / base["rate"]
+        steady_ratio = sysr["steady_rate"] / base["rate"]
+        ok = ok and ratio >= GOAL
+        rows.append([n + 1, f"{base['rate']:.1f}", f"{base['seconds']:.1f}", f"{sysr['rate']:.1f}",
+                     f"{sysr['seconds']:.1f}", f"{sysr['startup']:.2f}", f"{sysr['tail']:.2f}",
+                     f"{sysr['steady_rate']:.1f}", f"{ratio:.3f}", f"{steady_ratio:.3f}",
+                     f">= {GOAL} {verdict(ratio >= GOAL)}"])
+    print(table(["round", "xargs jobs/s", "xargs s", "system jobs/s", "system s", "start-up s",
+                 "tail s", "steady jobs/s", "ratio", "steady ratio", "goal"], rows))
+    print("\nratio = system jobs/s (launch to summary) / xargs jobs/s; steady = first assign to "
+          "last download, start-up and tail excluded")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
