@@ -1,9 +1,17 @@
 """Creating the ZeroMQ sockets: limits, ipc directories, loopback rule, CURVE.
 
 Endpoints come from config.toml. An endpoint that another host could reach
-(tcp on anything but a loopback address) is bound only with CURVE enabled; the
-authenticator accepts only the client public keys found in
-``[zmq.curve] authorized_keys_dir`` and logs every refusal.
+(tcp on anything but a loopback address) is bound only with CURVE enabled, and
+only such an endpoint uses CURVE: ipc:// and loopback endpoints stay plain on
+both sides, so local tools (anime-status) need no keys. The authenticator
+accepts the client public keys found in ``[zmq.curve] authorized_keys_dir``
+(re-read at every handshake: a key added with ``anime-keys client`` counts
+without a restart) plus the server's own key (the dispatcher reaching the
+disk-watcher's non-loopback endpoint on the same host). Every refusal is logged
+at WARNING: an unknown key with the client's address (from the ZAP request), a
+client without CURVE or with the wrong server key from a socket monitor (libzmq
+gives no address for those). A refused client retries every 100 ms, so a
+repeated refusal is logged at most once a minute with a count.
 """
 
 from __future__ import annotations
@@ -11,14 +19,19 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import threading
+import time
 from pathlib import Path
 
 import zmq
 
 from shared.config import Config, ConfigError, CurveConfig
+from shared.lifecycle import kv
 from shared.protocol import MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
+REFUSAL_REPEAT_SECONDS = 60.0
+Z85_KEY_LENGTH = 40
 
 
 def is_local_endpoint(endpoint: str) -> bool:
@@ -33,17 +46,158 @@ def is_local_endpoint(endpoint: str) -> bool:
         return False  # "*", an interface name or a host name: reachable from outside
 
 
-def _prepare_ipc(endpoint: str) -> None:
+def _prepare_ipc(endpoint: str, run_dir: Path) -> None:
+    """Create the socket's directory 0700; tighten the run dir, never a user's own dir."""
     if endpoint.startswith("ipc://"):
         directory = Path(endpoint[len("ipc://"):]).parent
-        directory.mkdir(parents=True, exist_ok=True)
-        os.chmod(directory, 0o700)
+        if not directory.exists():
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(directory, 0o700)  # mkdir's mode is masked by the umask
+        elif directory == run_dir:
+            os.chmod(directory, 0o700)
 
 
 def _limits(sock: zmq.Socket) -> None:
     sock.setsockopt(zmq.LINGER, 0)
     # A peer sending more than this is disconnected by libzmq before we parse it.
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES + 1024)
+
+
+class Refusals:
+    """Logs refused clients at WARNING, each (endpoint, address, reason, key) at most
+    once per REFUSAL_REPEAT_SECONDS, with how many were refused in between."""
+
+    def __init__(self, message: str = "refused client") -> None:
+        self.message = message
+        self._seen: dict[tuple, tuple[float, int]] = {}
+        self._lock = threading.Lock()
+
+    def refused(self, endpoint: str, reason: str, address: str | None = None,
+                client_key: str | None = None) -> None:
+        now = time.monotonic()
+        what = (endpoint, address, reason, client_key)
+        with self._lock:
+            last, count = self._seen.get(what, (None, 0))
+            if last is not None and now - last < REFUSAL_REPEAT_SECONDS:
+                self._seen[what] = (last, count + 1)
+                return
+            if len(self._seen) > 1000:
+                self._seen.clear()
+            self._seen[what] = (now, 0)
+        log.warning(kv(self.message, endpoint=endpoint, address=address,
+                            reason=reason, client_key=client_key, repeated=count or None))
+
+
+class AuthorizedKeys:
+    """The client public keys in a directory (``*.key``), re-read at each lookup."""
+
+    def __init__(self, directory: Path, also: tuple[bytes, ...] = ()) -> None:
+        self.directory = directory
+        self.also = set(also)
+        self._bad: set[str] = set()
+
+    def load(self) -> set[bytes]:
+        from zmq.auth import load_certificate
+
+        keys = set(self.also)
+        try:
+            paths = sorted(self.directory.glob("*.key"))
+        except OSError as exc:
+            log.warning(kv("cannot read authorized_keys_dir", path=self.directory, error=exc))
+            return keys
+        for path in paths:
+            try:
+                public, _ = load_certificate(path)
+            except (OSError, ValueError) as exc:
+                if str(path) not in self._bad:
+                    self._bad.add(str(path))
+                    log.warning(kv("ignored a key file that holds no public key", path=path,
+                                   error=exc))
+                continue
+            keys.add(public)
+        return keys
+
+
+def _authenticator_class():
+    from zmq.auth.thread import ThreadAuthenticator  # only servers with CURVE pay for it
+
+    class Authenticator(ThreadAuthenticator):
+        """pyzmq's ZAP handler; a refused key is logged with the client's address
+        (pyzmq itself logs denials at DEBUG, without the address)."""
+
+        def __init__(self, context: zmq.Context, keys: AuthorizedKeys, refusals: Refusals) -> None:
+            super().__init__(context, log=logging.getLogger("zmq.auth"))
+            self.keys = keys
+            self.refusals = refusals
+            self._address: str | None = None
+
+        async def handle_zap_message(self, msg: list[bytes]) -> None:
+            # Frames: version, request id, domain, address, identity, mechanism, key.
+            self._address = msg[3].decode("utf-8", "replace") if len(msg) > 3 else None
+            await super().handle_zap_message(msg)
+
+        def callback(self, domain: str, key: bytes) -> bool:  # the credentials provider
+            if key in self.keys.load():
+                log.debug(kv("accepted client", endpoint=domain, address=self._address,
+                             client_key=key.decode()))
+                return True
+            self.refusals.refused(domain, "unknown key (not in authorized_keys_dir)",
+                                  self._address or "unknown", key.decode())
+            return False
+
+    return Authenticator
+
+
+_HANDSHAKE_REASONS = {
+    zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH: "no CURVE key (plain-text client)",
+    zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC: "CURVE handshake failed (wrong server key?)",
+}
+
+
+class _HandshakeWatch(threading.Thread):
+    """Reads a socket monitor and reports failed handshakes (libzmq gives no peer
+    address for them; an unknown key is reported by the ZAP handler instead)."""
+
+    SERVER_EVENTS = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    CLIENT_EVENTS = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+
+    def __init__(self, context: zmq.Context, sock: zmq.Socket, key: str, server: bool,
+                 refusals: Refusals) -> None:
+        super().__init__(daemon=True, name=f"handshakes-{key}")
+        address = f"inproc://handshakes-{id(sock)}"
+        sock.monitor(address, (self.SERVER_EVENTS if server else self.CLIENT_EVENTS)
+                     | zmq.EVENT_MONITOR_STOPPED)
+        self.pair = context.socket(zmq.PAIR)
+        self.pair.connect(address)
+        self.key = key
+        self.server = server
+        self.refusals = refusals
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        try:
+            while not self.halt.is_set():
+                if not self.pair.poll(200):
+                    continue
+                event = recv_monitor_message(self.pair)
+                if event["event"] == zmq.EVENT_MONITOR_STOPPED:
+                    return
+                self._report(event["event"], event["value"])
+        except zmq.ZMQError:
+            return  # the context is going away
+        finally:
+            self.pair.close(linger=0)
+
+    def _report(self, event: int, value: int) -> None:
+        if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+            reason = _HANDSHAKE_REASONS.get(value, f"not a ZeroMQ CURVE client (protocol error {value:#x})")
+        elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            reason = f"authentication refused (status {value}): is this client's key authorised?"
+        else:
+            reason = f"handshake failed: {os.strerror(value) if value > 0 else value}"
+        self.refusals.refused(self.key, reason, "unknown" if self.server else None)
 
 
 class Sockets:
@@ -54,72 +208,152 @@ class Sockets:
         self.curve: CurveConfig = config.zmq.curve
         self.context = zmq.Context()
         self._auth = None
+        self._watches: list[_HandshakeWatch] = []
+        self.refusals = Refusals()
+        self._client_refusals = Refusals("the server refused this connection")
+
+    # --- keys ---------------------------------------------------------------
+
+    def _fail(self, option: str, text: str) -> ConfigError:
+        return ConfigError(f"{self.config.path}: [zmq.curve] {option}: {text}")
+
+    def _key_file(self, option: str, secret: bool) -> tuple[bytes, bytes | None]:
+        from zmq.auth import load_certificate
+
+        path = getattr(self.curve, option)
+        if path is None:
+            raise self._fail(option, "missing")
+        try:
+            public, secret_key = load_certificate(path)
+        except (OSError, ValueError) as exc:
+            raise self._fail(option, f"cannot read a CURVE key from {path}: {exc}") from None
+        if secret and secret_key is None:
+            raise self._fail(option, f"{path} holds only a public key; give the .key_secret file")
+        if len(public) != Z85_KEY_LENGTH or (secret and len(secret_key or b"") != Z85_KEY_LENGTH):
+            raise self._fail(option, f"{path}: not a CURVE key file (made by anime-keys)")
+        return public, secret_key
+
+    def _server_keys(self) -> tuple[bytes, bytes]:
+        public, secret = self._key_file("server_secret_key", secret=True)
+        assert secret is not None
+        return public, secret
+
+    def _endpoint_key(self, endpoint: str) -> str:
+        for key in ("dispatcher", "status", "disk_state", "disk_control"):
+            if getattr(self.config.zmq, key) == endpoint:
+                return key
+        return endpoint
 
     def _start_auth(self) -> None:
         if self._auth is not None:
             return
-        from zmq.auth.thread import ThreadAuthenticator  # only servers with CURVE pay for it
-
         keys_dir = self.curve.authorized_keys_dir
         if keys_dir is None or not keys_dir.is_dir():
             raise ConfigError(f"{self.config.path}: [zmq.curve] authorized_keys_dir: "
-                              f"{keys_dir} is not a directory of client public keys")
-        self._auth = ThreadAuthenticator(self.context, log=logging.getLogger("zmq.auth"))
+                              f"{keys_dir} is not a directory of client public keys "
+                              "(anime-keys init creates it)")
+        own_public, _ = self._server_keys()
+        keys = AuthorizedKeys(keys_dir, also=(own_public,))
+        self._auth = _authenticator_class()(self.context, keys, self.refusals)
         self._auth.start()
-        self._auth.configure_curve(domain="*", location=str(keys_dir))
+
+    # --- sockets ------------------------------------------------------------
 
     def bind(self, kind: int, endpoint: str, key: str) -> zmq.Socket:
-        """Bind a server socket; refuse a non-loopback bind without CURVE."""
+        """Bind a server socket; a non-loopback endpoint only with CURVE (refused without)."""
         sock = self.context.socket(kind)
         _limits(sock)
-        if not is_local_endpoint(endpoint) or self.curve.server_enabled:
-            if not self.curve.server_enabled:
-                sock.close()
-                raise ConfigError(
-                    f"{self.config.path}: [zmq] {key}: {endpoint} is reachable from other "
-                    "hosts; set [zmq.curve] server_secret_key and authorized_keys_dir "
-                    "(anime-keys creates them) or bind to 127.0.0.1 / ipc://")
-            from zmq.auth import load_certificate
-
-            self._start_auth()
-            public, secret = load_certificate(str(self.curve.server_secret_key))
-            sock.curve_server = True
-            sock.curve_publickey = public
-            sock.curve_secretkey = secret
-        _prepare_ipc(endpoint)
-        sock.bind(endpoint)
+        try:
+            if not is_local_endpoint(endpoint):
+                if not (self.curve.server_enabled and self.curve.authorized_keys_dir):
+                    raise ConfigError(
+                        f"{self.config.path}: [zmq] {key}: {endpoint} is reachable from other "
+                        "hosts; set [zmq.curve] server_secret_key and authorized_keys_dir "
+                        "(anime-keys creates them) or bind to 127.0.0.1 / ipc://")
+                if not zmq.has("curve"):
+                    raise ConfigError(f"{self.config.path}: [zmq] {key}: this libzmq has no "
+                                      "CURVE support; bind to 127.0.0.1 / ipc://")
+                public, secret = self._server_keys()
+                self._start_auth()
+                assert self._auth is not None
+                self._auth.configure_curve_callback(domain=key, credentials_provider=self._auth)
+                sock.zap_domain = key.encode()
+                sock.curve_server = True
+                sock.curve_publickey = public
+                sock.curve_secretkey = secret
+                self._watch(sock, key, server=True)
+            _prepare_ipc(endpoint, self.config.run_dir)
+            sock.bind(endpoint)
+        except ConfigError:
+            sock.close(linger=0)
+            raise
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            raise ConfigError(f"{self.config.path}: [zmq] {key}: cannot bind {endpoint}: {exc}") from None
         log.debug("bound endpoint=%s key=%s", endpoint, key)
         return sock
+
+    def _watch(self, sock: zmq.Socket, key: str, server: bool) -> None:
+        watch = _HandshakeWatch(self.context, sock, key, server,
+                                self.refusals if server else self._client_refusals)
+        watch.start()
+        self._watches.append(watch)
 
     def connect_dealer(self, endpoint: str, identity: bytes) -> zmq.Socket:
         """A DEALER that queues nothing for a peer that is not connected (IMMEDIATE):
         its owner re-sends what matters, so a restarted dispatcher sees no backlog."""
         return self.connect(zmq.DEALER, endpoint, identity=identity, immediate=True)
 
+    def _client_keys(self, key: str, endpoint: str) -> tuple[bytes, bytes, bytes]:
+        """(public, secret, server public) for a connection to a non-loopback endpoint:
+        the client pair, or on the server's own host its server pair."""
+        if self.curve.client_enabled:
+            public, secret = self._key_file("client_secret_key", secret=True)
+            if self.curve.server_public_key is None:
+                raise self._fail("server_public_key", "missing (required with client_secret_key)")
+            server_public, _ = self._key_file("server_public_key", secret=False)
+            assert secret is not None
+            return public, secret, server_public
+        if self.curve.server_enabled:
+            public, secret = self._server_keys()
+            return public, secret, public
+        raise ConfigError(
+            f"{self.config.path}: [zmq] {key}: {endpoint} is not a loopback address, so it "
+            "needs CURVE; set [zmq.curve] client_secret_key and server_public_key "
+            "(anime-keys client prints them)")
+
     def connect(self, kind: int, endpoint: str, identity: bytes | None = None,
                 immediate: bool = False) -> zmq.Socket:
         sock = self.context.socket(kind)
         _limits(sock)
-        if identity is not None:
-            sock.setsockopt(zmq.ROUTING_ID, identity)
-        if immediate:
-            sock.setsockopt(zmq.IMMEDIATE, 1)
-            sock.setsockopt(zmq.SNDHWM, 100)
-        if self.curve.client_enabled:
-            from zmq.auth import load_certificate
-
-            public, secret = load_certificate(str(self.curve.client_secret_key))
-            if self.curve.server_public_key is None:
-                raise ConfigError(f"{self.config.path}: [zmq.curve] server_public_key: "
-                                  "missing (required with client_secret_key)")
-            server_public, _ = load_certificate(str(self.curve.server_public_key))
-            sock.curve_publickey = public
-            sock.curve_secretkey = secret
-            sock.curve_serverkey = server_public
-        sock.connect(endpoint)
+        key = self._endpoint_key(endpoint)
+        try:
+            if identity is not None:
+                sock.setsockopt(zmq.ROUTING_ID, identity)
+            if immediate:
+                sock.setsockopt(zmq.IMMEDIATE, 1)
+                sock.setsockopt(zmq.SNDHWM, 100)
+            if not is_local_endpoint(endpoint):
+                public, secret, server_public = self._client_keys(key, endpoint)
+                sock.curve_publickey = public
+                sock.curve_secretkey = secret
+                sock.curve_serverkey = server_public
+                self._watch(sock, key, server=False)
+            sock.connect(endpoint)
+        except ConfigError:
+            sock.close(linger=0)
+            raise
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            raise ConfigError(f"{self.config.path}: [zmq] {key}: cannot connect to {endpoint}: "
+                              f"{exc}") from None
         return sock
 
     def close(self) -> None:
+        for watch in self._watches:
+            watch.halt.set()
+        for watch in self._watches:
+            watch.join(timeout=2)
         if self._auth is not None:
             self._auth.stop()
         self.context.destroy(linger=0)

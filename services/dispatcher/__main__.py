@@ -39,7 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     except (AlreadyRunning, FileNotFoundError) as exc:
         print(f"anime-dispatcher: {exc}", file=sys.stderr)
         return 3
-    return server.run()
+    try:
+        return server.run()
+    except ConfigError as exc:  # an endpoint refused at bind (e.g. non-loopback without CURVE)
+        print(f"anime-dispatcher: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

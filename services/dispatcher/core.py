@@ -13,7 +13,9 @@ Invariants:
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import random
 import shutil
 from collections import OrderedDict, deque
@@ -272,12 +274,20 @@ class Dispatcher:
             row = self.store.get(msg.job_id)
             if row is not None and row.stage == STAGE_DOWNLOADED and row.video_path == msg.video_path:
                 return ack  # a repeat after our commit
-            if row is not None and row.stage in (STAGE_QUEUED, STAGE_DOWNLOADING) and \
-                    Path(msg.video_path).is_file():
-                # Renamed after a commit, then our lease state was lost: settle it.
+            landed = None
+            if row is not None and row.stage in (STAGE_QUEUED, STAGE_DOWNLOADING):
+                landed = layout.find_landed(self.config.storage_dir, row.anime_id, row.episode or 0)
+            if landed is not None and str(landed) == msg.video_path:
+                # Renamed after a commit, then our lease state was lost: settle it, and
+                # take the job back from whoever holds a newer attempt (it gets JobCancel).
+                if self.leases.pop(msg.job_id, None) is not None:
+                    self.admission.release(msg.job_id, now)
                 self.store.mark_downloaded(msg.job_id, row.attempt, msg.video_path,
                                            msg.size_bytes, msg.duration_seconds, now)
                 self._counts_dirty = True
+                log.warning(kv("settled a landed file without a second download",
+                               job_id=msg.job_id, path=msg.video_path,
+                               why="landed after its lease was lost"))
             return ack
         self._land(lease, msg.video_path, msg.size_bytes, msg.duration_seconds, now)
         self.idle.pop(identity, None)
@@ -377,6 +387,25 @@ class Dispatcher:
         self._counts_dirty = True
         log.warning(kv("settled a landed file without a second download", job_id=job.id,
                        anime_id=job.anime_id, episode=job.episode, path=path, why=why))
+        self._cleanup_private_dir_if_free(job.id)
+
+    def _cleanup_private_dir_if_free(self, job_id: int) -> None:
+        """Remove a settled job's private directory unless a worker still holds its lock
+        (that worker gets JobCancel or JobAck and removes it itself)."""
+        lock = layout.job_dir(self.config.storage_dir, job_id) / ".lock"
+        if self.options.dry_run or not lock.parent.is_dir():
+            return
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return
+        finally:
+            os.close(fd)
+        self._cleanup_private_dir(job_id)
 
     def undeliverable(self, identity: bytes, msg: Message, now: float) -> None:
         """A message the ROUTER could not route: its worker is gone."""

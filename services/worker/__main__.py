@@ -33,7 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"anime-worker: {exc}", file=sys.stderr)
         return 2
-    return worker.run()
+    try:
+        return worker.run()
+    except ConfigError as exc:  # e.g. a non-loopback endpoint and no client CURVE keys
+        print(f"anime-worker: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -275,8 +275,9 @@ class Worker:
         a = self.attempt
         if a is None:
             if not self.stop.requested and self._disk_ok():
-                self.send(WorkerReady(worker_id=self.worker_id, session=self.session, seq=self.seq,
-                                      host=self.host))
+                if not self.send(WorkerReady(worker_id=self.worker_id, session=self.session,
+                                             seq=self.seq, host=self.host)):
+                    self.next_beat = time.monotonic()  # not connected yet: retry at the next poll
             return
         if a.phase == "reporting" or self.pending is not None:
             return

@@ -66,6 +66,7 @@ class Attempt:
     latest: Progress | None = None
     post: PostResult | None = None
     post_thread: threading.Thread | None = None
+    post_wakeup: tuple[int, int] | None = None  # pipe: the thread writes a byte when done
     lock_fd: int | None = None
 
     @property
@@ -117,6 +118,10 @@ class Attempt:
     # --- while running ------------------------------------------------------
 
     def pipes(self) -> list[int]:
+        """The fds the worker's poller waits on: ani-cli's output, then the end of the post step
+        (without it the loop would see the staged file only at its next 250 ms poll timeout)."""
+        if self.phase == "verifying" and self.post_wakeup is not None:
+            return [self.post_wakeup[0]]
         if self.proc is None:
             return []
         return [p.fileno() for p in (self.proc.stdout, self.proc.stderr) if p and not p.closed]
@@ -182,6 +187,7 @@ class Attempt:
     def start_post(self, file: Path) -> None:
         """Verify and remux in a thread, so heartbeats go on during a long check."""
         self.phase = "verifying"
+        self.post_wakeup = os.pipe()
         self.post_thread = threading.Thread(target=self._post, args=(file,), daemon=True)
         self.post_thread.start()
 
@@ -194,6 +200,8 @@ class Attempt:
         except Exception as exc:  # a bug here must fail the attempt, not hang it
             log.exception(kv("post-processing failed", **self.context))
             self.post = PostResult(error=f"post-processing failed: {exc}")
+        finally:
+            os.write(self.post_wakeup[1], b"\0")  # wakes the worker's poller
 
     def _verify_and_stage(self, file: Path) -> PostResult:
         d = self.config.downloader
@@ -261,6 +269,10 @@ class Attempt:
         if self.lock_fd is not None:
             os.close(self.lock_fd)
             self.lock_fd = None
+        if self.post_wakeup is not None and (self.post_thread is None or not self.post_thread.is_alive()):
+            for fd in self.post_wakeup:
+                os.close(fd)
+            self.post_wakeup = None
 
 
 def _warn_no_ffmpeg() -> None:

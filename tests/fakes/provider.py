@@ -8,9 +8,9 @@ Layout (``<episode>`` is a string such as ``1`` or ``12.5``)::
 
     GET /<slug>/<episode>/index.m3u8     VOD playlist (EXT-X-ENDLIST)
     GET /<slug>/<episode>/seg000.ts ...  MPEG-TS segments, 1 s each by default
-    POST /_control                       JSON control API (see ``ControlOps``)
+    POST /_control                       JSON control API (below)
     GET  /_log?since=N                   access log entries N.. as JSON lines
-    GET  /_health                        ``ok``
+    GET  /_health                        {"ok": true}
 
 The media for an episode is a synthetic clip (testsrc + 440 Hz sine, 320x240,
 H.264/AAC) generated once by ffmpeg and cached under ``cache_dir`` keyed by its
@@ -29,10 +29,32 @@ per field, a per-episode value overriding the per-slug value:
               connection is closed
     bogus     "playlist": a ~300-byte playlist whose segments are HTML, not video
               "html": a ~300-byte HTML error page (text/html) at index.m3u8
-              "html-as-video": the same HTML page served as video/mp4, which a
-              downloader saves as the "video" (cf. ani-cli #1108/#1111/#1116)
+              "html-as-video": the same HTML page served as video/mp4 (yt-dlp
+              2026.10 refuses it: "Response data has no m3u header")
+              (cf. ani-cli #1108/#1111/#1116: tiny files that are not videos)
     duration  float seconds of media for the episode (default: provider's)
     missing   bool: 404 for everything of the episode
+
+Every response honours a single ``Range: bytes=a-b`` (206 / 416), as a CDN
+does: yt-dlp uses it to resume a fragment after a dropped connection or a
+restart, and ffmpeg sends ``Range: bytes=0-`` with every request.
+
+Access log: one dict per request (control/log/health requests excluded),
+appended when the response ends, in memory (``log()``, ``wait_for()``) and, if
+given, as JSON lines in a file: ``time`` (request start, epoch s), ``method``,
+``path``, ``status``, ``bytes`` (body bytes actually sent), ``range`` (request
+header or None), ``slug``, ``episode``, ``kind`` ("playlist" | "segment" |
+"other"), ``segment`` (index or None), ``behaviour`` (what was injected: "fail",
+"drop", "bogus-playlist", "bogus-segment", "bogus-html", ... or None),
+``complete`` (False when the body was cut), ``elapsed`` (s), ``seq``.
+
+HTTP control API (``POST /_control`` with a JSON object; ``Provider.control``
+is the same in-process): ``{"op": "set", "slug", "episode"|null, <fields>}``,
+``{"op": "reset", "slug"?, "episode"?}``, ``{"op": "get", ...}``,
+``{"op": "prepare", ...}`` (generate now, returns segment names),
+``{"op": "log", "since", "match"}``, ``{"op": "wait", "match", "count",
+"since", "timeout"}`` (long poll; 408 on timeout), ``{"op": "info"}``. Replies
+are ``{"ok": true, ...}`` or ``{"ok": false, "error": ...}`` with 400.
 
 In-process::
 
@@ -43,7 +65,7 @@ In-process::
         p.wait_for(lambda e: e["segment"] == 1 and e["status"] == 200, timeout=10)
         entries = p.log(slug="one-piece", episode="3", kind="segment")
 
-As a process (stdlib only)::
+As a process (stdlib + an ffmpeg: PATH or imageio-ffmpeg)::
 
     python -m tests.fakes.provider --cache-dir DIR --port-file FILE [--access-log FILE]
 

@@ -7,6 +7,8 @@ hands ``handle(identity, msg, now)`` and ``tick(now)`` the time it wants.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import random
 import sqlite3
 from pathlib import Path
@@ -394,8 +396,11 @@ def test_a_file_already_at_its_final_path_is_settled_at_start(rig: Rig) -> None:
     job = only_assign(rig.ready(A, 0.0), A)
     # the worker renamed the file into place; the dispatcher died before recording it
     path = rig.land_file(job, size=4321)
+    private = layout.job_dir(rig.config.storage_dir, job.job_id)
+    (private / "dl").mkdir(parents=True)
     rig.d.store.close()
     d2 = rig.new_dispatcher(5.0)
+    assert not private.exists()  # nobody held its lock: removed
     row = rig.row(1)
     assert (row["stage"], row["video_path"], row["video_size_bytes"]) == ("downloaded", str(path), 4321)
     assert row["retry_count"] == 0 and not d2.leases
@@ -411,13 +416,35 @@ def test_a_landed_report_after_the_lease_ran_out_settles_the_job(rig: Rig) -> No
     rig.enqueue(1, [1])
     job = only_assign(rig.ready(A, 0.0), A)
     assert of_type(rig.finished(A, job, 1.0), JobCommit)
+    private = layout.job_dir(rig.config.storage_dir, job.job_id)
+    private.mkdir(parents=True)
+    fd = os.open(private / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # the worker still holds its private directory
     rig.tick(1.0 + LEASE + 1)  # no JobLanded in time: requeued
     assert rig.row(1)["stage"] == "queued"
+    os.close(fd)
     path = rig.land_file(job)
+    # a path that is not this job's episode is not believed
+    assert of_type(rig.landed(A, job, str(rig.config.path), 8.0), JobAck)
+    assert rig.row(1)["stage"] == "queued"
     assert of_type(rig.landed(A, job, str(path), 9.0), JobAck)
     row = rig.row(1)
     assert (row["stage"], row["video_path"]) == ("downloaded", str(path))
     assert assigns(rig.ready(B, 10.0)) == []
+
+
+def test_a_late_landed_report_takes_the_job_from_a_newer_attempt(rig: Rig) -> None:
+    rig.enqueue(1, [1])
+    old = only_assign(rig.ready(A, 0.0), A)
+    assert of_type(rig.finished(A, old, 1.0), JobCommit)
+    rig.tick(1.0 + LEASE + 1)
+    new = only_assign(rig.ready(B, 9.0), B)
+    path = rig.land_file(old)  # A renamed it before it lost the lease
+    assert of_type(rig.landed(A, old, str(path), 9.5), JobAck)
+    assert rig.row(1)["stage"] == "downloaded"
+    assert not rig.d.leases and not rig.d.admission.reservations
+    assert of_type(rig.beat(B, new, 10.0), JobCancel)
+    assert of_type(rig.finished(B, new, 10.5), JobCommit) == []
 
 
 def test_a_queued_job_whose_file_exists_is_settled_not_downloaded(rig: Rig) -> None:
