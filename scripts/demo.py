@@ -39,13 +39,13 @@ def real_ani_cli_usable() -> bool:
         return False
 
 
-def media_tools() -> bool:
-    if shutil.which("yt-dlp") is None:
+def media_tools(path: str) -> bool:
+    if shutil.which("yt-dlp", path=path) is None:
         return False
     try:
         import imageio_ffmpeg  # noqa: F401
     except ImportError:
-        return shutil.which("ffmpeg") is not None
+        return shutil.which("ffmpeg", path=path) is not None
     return True
 
 
@@ -114,7 +114,7 @@ def main() -> int:
         command, mode = "ani-cli", "the real ani-cli"
     else:
         command = str(REPO / "tests" / "fakes" / "ani-cli")
-        provider = start_provider(directory) if media_tools() else None
+        provider = start_provider(directory) if media_tools(env["PATH"]) else None
         hls = provider.base_url if provider else None
         env["ANI_CLI_SIM_CATALOG"] = str(simulated_catalog(directory, hls))
         mode = ("the simulated ani-cli + real yt-dlp from a local HLS provider" if hls
@@ -132,7 +132,7 @@ def main() -> int:
         if provider is not None:
             provider.stop()
     print("\nepisodes on disk:")
-    for path in sorted((directory / "storage" / "videos").rglob("ep*")):
+    for path in sorted((directory / "storage" / "videos").glob("*/episodes/ep*")):
         print(f"  {path.relative_to(directory)}  {path.stat().st_size:,} bytes")
     print(f"\ninspect: sqlite3 {db} \"SELECT stage, COUNT(*) FROM jobs GROUP BY stage\"")
     return code

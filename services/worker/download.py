@@ -37,8 +37,11 @@ def build_env(base: dict[str, str], download_dir: Path, hist_dir: Path,
     env["ANI_CLI_HIST_DIR"] = str(hist_dir)
     if rate_limit_bps > 0:
         # ani-cli expands the variable unquoted: plain words, split on white space.
+        # yt-dlp applies --limit-rate to each fragment download, and ani-cli asks for
+        # 16 at once (-N 16): a later -N 1 makes the limit the total.
         flags = env.get("ANI_CLI_PLAYER_FLAGS", "").split()
-        env["ANI_CLI_PLAYER_FLAGS"] = " ".join(flags + ["--limit-rate", str(rate_limit_bps)])
+        flags += ["-N", "1", "--limit-rate", str(rate_limit_bps)]
+        env["ANI_CLI_PLAYER_FLAGS"] = " ".join(flags)
     return env
 
 

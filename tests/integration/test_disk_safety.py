@@ -17,7 +17,7 @@ import pytest
 from shared.config import GB, MB, load_config
 from shared.disk import DiskMonitor
 from shared.sockets import Sockets
-from services.status import fetch_status
+from services.status import NoAnswer, fetch_status
 from tests.system import System, wait_for
 
 pytestmark = pytest.mark.slow
@@ -86,6 +86,18 @@ def status(system: System) -> dict:
         sockets.close()
 
 
+def start(system: System, workers: int) -> None:
+    """supervisord with ``workers`` workers, once the dispatcher answers."""
+    system.start_supervisord(workers)
+
+    def answers():
+        try:
+            return status(system)
+        except NoAnswer:
+            return None
+    wait_for(answers, 30, "the dispatcher to answer status requests")
+
+
 def counts(system: System) -> dict[str, int]:
     return system.stages()
 
@@ -114,7 +126,7 @@ def test_fills_to_pause_never_past_hard_limit_and_resumes_when_transcribed(make_
     catalog(system, episodes=12, size=100_000, duration=0.4)
     system.enqueue(MAL_ID, TITLE, list(range(1, 11)), selected_index=1)
     probe = Probe(system)
-    system.start_supervisord(4)
+    start(system, 4)
 
     def stopped():  # nothing in flight, jobs queued, and the usage measured leaves no room
         c = counts(system)
@@ -148,7 +160,7 @@ def test_hysteresis_stays_paused_between_resume_and_pause(make_system):
     filler.write_bytes(b"\0" * 600_000)  # above pause: paused from the start
     system.enqueue(MAL_ID, TITLE, [1, 2, 3, 4], selected_index=1)
     probe = Probe(system)
-    system.start_supervisord(2)
+    start(system, 2)
     probe.wait(lambda: status(system)["disk"]["state"] == "paused", 20, "the disk state paused")
 
     with open(filler, "r+b") as fh:  # usage between resume and pause: a job would fit the budget
@@ -174,7 +186,7 @@ def test_download_past_its_reservation_is_aborted_at_hard_limit_without_a_retry(
     filler.write_bytes(b"\0" * 350_000)
     system.enqueue(MAL_ID, TITLE, [1, 2], selected_index=1)
     probe = Probe(system)
-    system.start_supervisord(2)
+    start(system, 2)
     probe.wait(lambda: starts(system) == 2, 20, "both downloads to start")
     catalog(system, episodes=2, size=50_000, duration=0.2)  # what later runs will write
 
@@ -208,7 +220,7 @@ def test_full_filesystem_requeues_without_failing(make_system):
         # title, so the first attempt's partial file can be told apart from the retry's.
         catalog(system, episodes=1, size=3_000_000, duration=0.5)
         system.enqueue(MAL_ID, TITLE, [1], selected_index=1)
-        system.start_supervisord(1)
+        start(system, 1)
         wait_for(lambda: starts(system) == 1, 20, "the first download to start")
         catalog(system, episodes=1, size=200_000, duration=2.0, title=f"{TITLE} v2")
         wait_for(lambda: starts(system) == 2, 20, "the job to be retried")
@@ -231,7 +243,7 @@ def test_disk_watcher_down_stops_new_downloads_until_it_is_back(make_system):
                                      expected_kb=50, workers=2))
     catalog(system, episodes=60, size=50_000, duration=0.3)
     system.enqueue(MAL_ID, TITLE, list(range(1, 41)), selected_index=1)
-    system.start_supervisord(2)
+    start(system, 2)
     wait_for(lambda: counts(system).get("downloaded", 0) >= 2, 20, "downloads to run")
 
     # kill -9: supervisord restarts it and downloads go on.
@@ -263,7 +275,7 @@ def test_min_free_above_the_filesystems_free_space_pauses(make_system):
                                      expected_kb=50, min_free_gb=round(free_gb * 2 + 1), workers=2))
     catalog(system, episodes=4, size=50_000, duration=0.1)
     system.enqueue(MAL_ID, TITLE, [1, 2], selected_index=1)
-    system.start_supervisord(2)
+    start(system, 2)
     disk = wait_for(lambda: (d := status(system)["disk"])["state"] == "paused" and d, 20,
                     "the disk state paused")
     assert "min_free_gb" in disk["refusal"], disk
