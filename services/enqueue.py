@@ -22,9 +22,9 @@ def parse_episodes(text: str) -> list[int]:
     episodes: set[int] = set()
     for part in text.split(","):
         part = part.strip()
-        first, _, last = part.partition("-")
+        first, dash, last = part.partition("-")
         try:
-            lo, hi = int(first), int(last or first)
+            lo, hi = int(first), int(last if dash else first)
         except ValueError:
             raise ValueError(f"{part!r} is not a number or a range like 1-64") from None
         if lo < 1 or hi < lo:

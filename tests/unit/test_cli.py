@@ -1,0 +1,69 @@
+"""The command lines: the launcher's supervisord.conf, anime-enqueue's episode ranges."""
+
+from __future__ import annotations
+
+import configparser
+
+import pytest
+
+from services import launcher
+from services.enqueue import enqueue, parse_episodes
+from shared.config import load_config
+from tests.system import BASE_CONFIG, render_toml
+
+
+def rendered(tmp_path, *argv: str) -> configparser.RawConfigParser:
+    path = tmp_path / "config.toml"
+    path.write_text(render_toml(BASE_CONFIG))
+    args = launcher.parse_args(["-c", str(path), *argv])
+    text = launcher.render(launcher.TEMPLATE.read_text(), load_config(path), args)
+    parser = configparser.RawConfigParser()
+    parser.read_string(text)
+    return parser
+
+
+def test_launcher_renders_the_repo_conf_for_the_config(tmp_path):
+    conf = rendered(tmp_path, "-w", "4", "--dry-run", "--anime-id", "5114", "-v", "--exit-when-done")
+    assert conf.get("program:worker", "numprocs") == "4"
+    dispatcher = conf.get("program:dispatcher", "command")
+    assert dispatcher.endswith(f"-c {tmp_path}/config.toml --dry-run --anime-id 5114 --exit-when-done -v")
+    assert conf.get("program:dispatcher", "autorestart") == "unexpected"
+    assert conf.get("program:worker", "stdout_logfile") == f"{tmp_path}/data/logs/%(program_name)s_%(process_num)02d.log"
+    assert conf.get("unix_http_server", "file") == f"{tmp_path}/data/run/supervisor.sock"
+    assert "%(here)s" not in "".join(conf.get(s, k) for s in conf.sections() for k in conf.options(s))
+    for program in ("dispatcher", "disk-watcher", "worker"):
+        assert conf.get(f"program:{program}", "stopasgroup") == "true"
+
+
+def test_worker_count_defaults_to_max_concurrent_downloads(tmp_path):
+    assert rendered(tmp_path).get("program:worker", "numprocs") == "3"
+
+
+def test_launcher_refuses_a_bad_worker_count(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        launcher.parse_args(["-w", "0"])
+    assert info.value.code == 2
+    assert "-w/--workers: must be at least 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("1-3", [1, 2, 3]), ("5", [5]), ("1,3,5-7", [1, 3, 5, 6, 7]), ("2-2,2", [2]),
+])
+def test_episode_ranges(text, expected):
+    assert parse_episodes(text) == expected
+
+
+@pytest.mark.parametrize("text", ["0", "3-1", "a-b", "", "1-"])
+def test_bad_episode_ranges_name_the_part(text):
+    with pytest.raises(ValueError):
+        parse_episodes(text)
+
+
+def test_enqueue_is_idempotent_per_episode(tmp_path):
+    db = tmp_path / "jobs.db"
+    assert enqueue(db, 1, "A", [1, 2, 3], selection=(2, "A (TV)", "high")) == 3
+    assert enqueue(db, 1, "A", [2, 3, 4]) == 1
+    import sqlite3
+    conn = sqlite3.connect(db)
+    assert conn.execute("SELECT COUNT(*) FROM jobs").fetchone() == (4,)
+    assert conn.execute("SELECT * FROM anime_selection_cache").fetchall() == [(1, 2, "A (TV)", "high")]
