@@ -10,8 +10,8 @@ without a restart) plus the server's own key (the dispatcher reaching the
 disk-watcher's non-loopback endpoint on the same host). Every refusal is logged
 at WARNING: an unknown key with the client's address (from the ZAP request), a
 client without CURVE or with the wrong server key from a socket monitor (libzmq
-gives no address for those). A refused client retries every 100 ms, so a
-repeated refusal is logged at most once a minute with a count.
+gives no address for those). A client that keeps retrying (every 100 ms after
+a failed handshake) is logged at most once a minute, with a count.
 """
 
 from __future__ import annotations
@@ -196,7 +196,8 @@ class _HandshakeWatch(threading.Thread):
         elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
             reason = f"authentication refused (status {value}): is this client's key authorised?"
         else:
-            reason = f"handshake failed: {os.strerror(value) if value > 0 else value}"
+            error = os.strerror(value) if value > 0 else str(value)
+            reason = f"handshake failed ({error}): not a CURVE client, or it hung up"
         self.refusals.refused(self.key, reason, "unknown" if self.server else None)
 
 

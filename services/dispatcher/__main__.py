@@ -21,6 +21,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--anime-id", type=int, metavar="ID", help="hand out only this MAL ID's jobs")
     parser.add_argument("--exit-when-done", action="store_true",
                         help="exit 0 with a summary when no runnable job is queued or in flight")
+    parser.add_argument("--workers", type=int, default=0, metavar="N",
+                        help="workers started with it: total_bandwidth_mbps is shared among at "
+                             "least N (default: among those connected)")
     parser.add_argument("-v", "--verbose", action="store_true", help="DEBUG logging")
     return parser.parse_args(argv)
 
@@ -32,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config)
         from services.dispatcher.server import DispatcherServer
 
-        server = DispatcherServer(config, Options(args.dry_run, args.anime_id, args.exit_when_done))
+        server = DispatcherServer(config, Options(args.dry_run, args.anime_id, args.exit_when_done,
+                                                    max(0, args.workers)))
     except ConfigError as exc:
         print(f"anime-dispatcher: {exc}", file=sys.stderr)
         return 2

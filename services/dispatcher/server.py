@@ -49,8 +49,8 @@ class DispatcherServer:
 
     def run(self) -> int:
         d = self.dispatcher
+        self._open_sockets()  # first: an endpoint refused at start leaves the database alone
         d.start(time.time())
-        self._open_sockets()
         log.info(kv("dispatcher started", db=self.config.db_path, dry_run=self.options.dry_run,
                     anime_id=self.options.anime_id, endpoint=self.config.zmq.dispatcher))
         next_tick = done_check = 0.0
@@ -110,6 +110,11 @@ class DispatcherServer:
     def _on_worker(self, frames: list[bytes]) -> None:
         identity, rest = frames[0], frames[1:]
         msg = decode(rest)
+        try:  # leases, logs and the database name the owner as text: refuse anything else
+            identity.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ProtocolError(f"{msg.KIND} from an identity that is not UTF-8 text "
+                                f"({identity[:16]!r}); workers set '<worker_id>/<session>'") from None
         self._send(self.dispatcher.handle(identity, msg, time.time()))
 
     def _on_disk(self, frames: list[bytes]) -> None:
