@@ -1,12 +1,14 @@
 """The disk-watcher: measures the storage directory and publishes the disk state.
 
 The state is level state (``disk.state`` on an XPUB socket): published on every
-change, again every second, and at once to each new subscriber. Between
-measurements the cheap incremental re-measure runs every second while anything
-is being downloaded (files grow in ``.in_progress``), so a download that grows
-past its reservation is seen within a second; otherwise the measurement is
-cached for ``cache_duration_seconds``. A full walk runs every
-``check_interval_seconds``. A ``disk.measure`` request re-measures at once.
+change, again every second, and at once to each new subscriber. The cheap
+incremental re-measure (and a publication) runs every ``ACTIVE_MEASURE_SECONDS``
+while anything is being downloaded (files grow in ``.in_progress``), so a
+download that grows past its reservation is seen within that time, and while
+the disk is not ``running``, so a transcriber's deletions resume downloads at
+once; otherwise the measurement is cached for ``cache_duration_seconds``. A
+full walk runs every ``check_interval_seconds``. A ``disk.measure`` request
+re-measures at once.
 """
 
 from __future__ import annotations
@@ -27,6 +29,11 @@ from shared.sockets import Sockets
 
 log = logging.getLogger(__name__)
 PUBLISH_SECONDS = 1.0
+# While files grow in .in_progress, or while the disk is paused and waiting for a
+# transcriber's deletions, re-measure this often (incremental: ~10 ms on 100,000 files),
+# but never spend more than ACTIVE_BUSY_FRACTION of the time measuring.
+ACTIVE_MEASURE_SECONDS = 0.2
+ACTIVE_BUSY_FRACTION = 0.02
 
 
 def thresholds(config: Config) -> Thresholds:
@@ -74,14 +81,21 @@ class DiskWatcherServer:
     def _downloading(self) -> bool:
         try:
             with os.scandir(layout.in_progress_root(self.config.storage_dir)) as it:
-                return any(True for _ in it)
+                return any(not entry.name.startswith(".") for entry in it)  # not .locks
         except OSError:
             return False
 
-    def _publish(self) -> None:
-        usage = self.monitor.measure(force=self._downloading())
+    def _publish(self) -> float:
+        """Measure (re-measure if active), publish; return the seconds until the next one."""
+        active = self.watcher.state != DiskState.RUNNING or self._downloading()
+        started = time.monotonic()
+        usage = self.monitor.measure(force=active)
+        cost = time.monotonic() - started
         msg = self.watcher.observe(usage, time.time())
         self.pub.send_multipart(encode(msg))
+        if active:
+            return min(PUBLISH_SECONDS, max(ACTIVE_MEASURE_SECONDS, cost / ACTIVE_BUSY_FRACTION))
+        return PUBLISH_SECONDS
 
     def run(self) -> int:
         zc = self.config.zmq
@@ -102,8 +116,7 @@ class DiskWatcherServer:
                 if requested:
                     self.monitor.invalidate()
                 if joined or requested or time.monotonic() >= next_publish:
-                    self._publish()
-                    next_publish = time.monotonic() + PUBLISH_SECONDS
+                    next_publish = time.monotonic() + self._publish()
             return 0
         finally:
             self.sockets.close()

@@ -108,7 +108,7 @@ class Admission:
         if not self.fresh(now):
             return "disk state is stale (disk-watcher down?)"
         if self.state.state != "running":
-            return f"disk {self.state.state}"
+            return f"disk {self.state.state}: {self._why_not_running()}"
         if self.no_space_at is not None:
             return "no space left on device; waiting for space"
         expected = self.expected_for(anime_id)
@@ -118,6 +118,18 @@ class Admission:
         if free_after < self.disk.min_free_bytes:
             return "free space would fall below min_free_gb"
         return None
+
+    def _why_not_running(self) -> str:
+        """The disk-watcher's reason, in words that stay the same while it holds (logged on change)."""
+        s = self.state
+        assert s is not None
+        if s.usage_bytes >= s.hard_limit_bytes:
+            return "usage reached hard_limit_gb"
+        if s.free_bytes < s.min_free_bytes:
+            return "free space below min_free_gb"
+        if s.usage_bytes >= s.pause_threshold_bytes:
+            return "usage reached pause_threshold_gb"
+        return "waiting for usage below resume_threshold_gb"
 
     def _unwritten(self) -> int:
         return sum(r.bytes - r.written for r in self.reservations.values())
