@@ -14,6 +14,7 @@ import argparse
 import configparser
 import io
 import json
+import select
 import signal
 import subprocess
 import sys
@@ -85,6 +86,9 @@ def render(template: str, config: Config, args: argparse.Namespace) -> str:
         parser.set(section, "command", parser.get(section, "command") + _service_args(args, program))
     workers = args.workers or config.disk.max_concurrent_downloads
     parser.set("program:worker", "numprocs", str(workers))
+    # total_bandwidth_mbps is shared among at least these: the workers connect one by one.
+    parser.set("program:dispatcher", "command",
+               f"{parser.get('program:dispatcher', 'command')} --workers {workers}")
     if args.exit_when_done:
         parser.set("program:dispatcher", "autorestart", "unexpected")
         parser.set("program:dispatcher", "exitcodes", "0")
@@ -104,8 +108,12 @@ class LogFollower(threading.Thread):
         self.stopped = threading.Event()
 
     def run(self) -> None:
-        while not self.stopped.wait(0.2):
+        interval = 0.2
+        while not self.stopped.wait(interval):
+            before = dict(self.offsets)
             self.poll()
+            # Quiet logs: back off to 1 s, so an idle system wakes the launcher less often.
+            interval = 0.2 if self.offsets != before else min(1.0, interval * 2)
 
     def poll(self) -> None:
         for path in sorted(self.log_dir.glob("*.log")):
@@ -113,19 +121,27 @@ class LogFollower(threading.Thread):
                 continue
             offset = self.offsets.get(path, 0)
             try:
-                size = path.stat().st_size
-                if size < offset:
-                    offset = 0  # rotated
-                with open(path, "rb") as fh:
-                    fh.seek(offset)
-                    data = fh.read()
+                if path.stat().st_size < offset:  # rotated: the old file is now <name>.1
+                    try:
+                        self._emit(path.stem, path.with_name(path.name + ".1"), offset)
+                    except OSError:
+                        pass
+                    offset = 0
+                self.offsets[path] = offset + self._emit(path.stem, path, offset)
             except OSError:
                 continue
-            complete = data.rfind(b"\n") + 1
-            self.offsets[path] = offset + complete
-            for line in data[:complete].decode("utf-8", "replace").splitlines():
-                sys.stderr.write(f"{path.stem:<14} | {line}\n")
         sys.stderr.flush()
+
+    @staticmethod
+    def _emit(name: str, path: Path, offset: int) -> int:
+        """Print the complete lines of ``path`` after ``offset``; returns how many bytes."""
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            data = fh.read()
+        complete = data.rfind(b"\n") + 1
+        for line in data[:complete].decode("utf-8", "replace").splitlines():
+            sys.stderr.write(f"{name:<14} | {line}\n")
+        return complete
 
 
 class Launcher:
@@ -171,17 +187,19 @@ class Launcher:
               file=sys.stderr)
         result = None
         while proc.poll() is None and not stop.requested:
-            try:
-                proc.wait(timeout=0.5)
-            except subprocess.TimeoutExpired:
-                pass
+            # Not proc.wait(timeout=...): it polls every few ms (30 wake-ups/s while idle).
+            if select.select([stop.wakeup_fd], [], [], 0.5)[0]:
+                stop.drain()
             if self.args.exit_when_done and result is None:
                 result = self.dispatcher_result()
                 if result is not None:
                     break
+        if result == "done":
+            self.stop_all()
         code = self.shutdown(proc)
-        follower.poll()
         follower.stopped.set()
+        follower.join(timeout=5)
+        follower.poll()  # the last lines, once the thread no longer reads
         if result == "fatal":
             print("anime-downloader: the dispatcher could not start; see "
                   f"{self.config.log_dir / 'dispatcher.log'}", file=sys.stderr)
@@ -191,6 +209,14 @@ class Launcher:
             print("summary: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
             return 0
         return 0 if stop.requested else code
+
+    def stop_all(self) -> None:
+        """Stop every program at once: on SIGTERM supervisord stops one priority group per
+        turn of its 1 s loop (2 s more after the workers are gone)."""
+        try:
+            self.rpc().supervisor.stopAllProcesses(True)
+        except (OSError, xmlrpc.client.Fault):
+            pass  # shutdown() below stops what is left
 
     @staticmethod
     def shutdown(proc: subprocess.Popen) -> int:

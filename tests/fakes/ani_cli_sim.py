@@ -113,7 +113,10 @@ Effective behaviour = ``defaults``, overridden key by key by the result's
                   $ANI_CLI_PLAYER_FLAGS``; stdio inherited, same process group,
                   argument lists (no shell); exit 0 whatever they return.
                   ``yt-dlp``/``ffmpeg`` are looked up on PATH; without ffmpeg on
-                  PATH, ``imageio_ffmpeg.get_ffmpeg_exe()`` if importable.
+                  PATH, ``imageio_ffmpeg.get_ffmpeg_exe()`` if importable, and
+                  then a link named ``ffmpeg`` to it (in ``<state dir>/.sim-bin``)
+                  goes first on the children's PATH: yt-dlp needs ``ffmpeg`` on
+                  PATH for its HLS fix-up, as a real ani-cli user has it.
                   ``$ANI_CLI_PLAYER_FLAGS`` is split on whitespace (the shell's
                   word splitting of an unquoted variable: quotes in it are NOT
                   interpreted, exactly like the real script).
@@ -664,10 +667,38 @@ def find_program(name: str) -> Optional[str]:
         return None
 
 
+def children_env(env: Dict[str, str]) -> Optional[Dict[str, str]]:
+    """The downloaders' environment: ``ffmpeg`` on PATH when only imageio-ffmpeg has one.
+
+    A real ani-cli user installs ffmpeg; yt-dlp looks for it on PATH (HLS fix-up).
+    None: inherit ours unchanged.
+    """
+    if shutil.which("ffmpeg", path=env.get("PATH")):
+        return None
+    exe = find_program("ffmpeg")
+    if exe is None:
+        return None
+    bin_dir = os.path.join(state_dir(env), ".sim-bin")
+    link = os.path.join(bin_dir, "ffmpeg")
+    try:
+        if not (os.path.islink(link) and os.readlink(link) == exe):
+            os.makedirs(bin_dir, exist_ok=True)
+            tmp = "%s.%d.tmp" % (link, os.getpid())
+            os.symlink(exe, tmp)
+            os.replace(tmp, link)  # atomic: concurrent runs never see a half-made link
+    except OSError as exc:
+        eprint("ani-cli-sim: cannot put ffmpeg on PATH: %s" % exc)
+        return None
+    children = dict(env)
+    children["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+    return children
+
+
 def run_downloaders(url: str, out_path: str, env: Dict[str, str], log: RunLog,
                     record: Record) -> None:
     """``yt-dlp ... || ffmpeg ...``; the result is ignored, like ani-cli does."""
     flags = split_player_flags(env.get("ANI_CLI_PLAYER_FLAGS"))
+    child_env = children_env(env)
     record.outcome = "downloader_failed"
     for cmd in downloader_commands(url, out_path, flags):
         program = find_program(cmd[0])
@@ -677,7 +708,7 @@ def run_downloaders(url: str, out_path: str, env: Dict[str, str], log: RunLog,
             continue
         # Popen + wait, not subprocess.call: on SIGTERM the shell script dies and
         # leaves its downloader running; subprocess.call would kill it.
-        child = subprocess.Popen([program] + cmd[1:])
+        child = subprocess.Popen([program] + cmd[1:], env=child_env)
         log.emit("exec", cmd=cmd, program=program, child_pid=child.pid)
         if child.wait() == 0:
             record.outcome = "ok"
