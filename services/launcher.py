@@ -14,6 +14,7 @@ import argparse
 import configparser
 import io
 import json
+import re
 import select
 import signal
 import subprocess
@@ -81,14 +82,14 @@ def render(template: str, config: Config, args: argparse.Namespace) -> str:
             for old, new in replacements:
                 value = value.replace(old, new)
             parser.set(section, key, value)
-    for program in PROGRAMS:
-        section = f"program:{program}"
-        parser.set(section, "command", parser.get(section, "command") + _service_args(args, program))
     workers = args.workers or config.disk.max_concurrent_downloads
     parser.set("program:worker", "numprocs", str(workers))
     # total_bandwidth_mbps is shared among at least these: the workers connect one by one.
-    parser.set("program:dispatcher", "command",
-               f"{parser.get('program:dispatcher', 'command')} --workers {workers}")
+    dispatcher = re.sub(r" --workers \d+", "", parser.get("program:dispatcher", "command"))
+    parser.set("program:dispatcher", "command", f"{dispatcher} --workers {workers}")
+    for program in PROGRAMS:
+        section = f"program:{program}"
+        parser.set(section, "command", parser.get(section, "command") + _service_args(args, program))
     if args.exit_when_done:
         parser.set("program:dispatcher", "autorestart", "unexpected")
         parser.set("program:dispatcher", "exitcodes", "0")

@@ -1,7 +1,8 @@
 """``anime-status``: ask the running dispatcher how things stand (ZeroMQ, never the DB).
 
 Exit 0 with the status, or 1 with one line when nothing answers within
-``--timeout`` seconds, so it doubles as a health check.
+``--timeout`` seconds, so it doubles as a health check. ``--watch`` redraws
+until Ctrl-C (exit 0) and keeps asking while the dispatcher is silent.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Show the queue, the workers' progress and the disk of a running "
                     "anime-downloader. Exits 1 if nothing answers (usable as a health check).")
     parser.add_argument("-c", "--config", default="config.toml", help="config file (default: %(default)s)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object (shape: README)")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object (shape: README); with --watch, one per line")
     parser.add_argument("--watch", nargs="?", const=2.0, type=float, metavar="SECONDS",
                         help="refresh every SECONDS (default 2) until Ctrl-C")
     parser.add_argument("--timeout", type=float, default=2.0, metavar="SECONDS",
@@ -75,21 +77,35 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     sockets = Sockets(config)
     try:
-        while True:
-            status = fetch_status(sockets, config.zmq.status, args.timeout)
-            if args.watch is not None and not args.json:
-                sys.stdout.write("\x1b[H\x1b[2J")
-            print(show(status, args.json), flush=True)
-            if args.watch is None:
-                return 0
-            time.sleep(args.watch)
+        if args.watch is None:
+            print(show(fetch_status(sockets, config.zmq.status, args.timeout), args.json), flush=True)
+            return 0
+        return watch(sockets, config.zmq.status, args)
     except NoAnswer as exc:
         print(f"anime-status: {exc}", file=sys.stderr)
         return 1
+    except ConfigError as exc:  # e.g. a remote endpoint without CURVE keys
+        print(f"anime-status: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 0
     finally:
         sockets.close()
+
+
+def watch(sockets: Sockets, endpoint: str, args: argparse.Namespace) -> int:
+    """Redraw every ``args.watch`` seconds until Ctrl-C; a silent dispatcher (restarting
+    under supervisord) shows as one line and the next round asks again."""
+    while True:
+        started = time.monotonic()
+        try:
+            text = show(fetch_status(sockets, endpoint, args.timeout), args.json)
+        except NoAnswer as exc:
+            text = f"anime-status: {exc}"
+        if not args.json and sys.stdout.isatty():
+            sys.stdout.write("\x1b[H\x1b[2J")  # clear the screen, then redraw
+        print(text, flush=True)
+        time.sleep(max(0.0, args.watch - (time.monotonic() - started)))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,19 @@
-"""The human-readable rendering of a status document."""
+"""The human-readable rendering of a status document (``anime-status`` without ``--json``).
+
+Fits 80 columns (a line is never longer than ``MAX_WIDTH``); sizes are decimal
+(1 MB = 1,000,000 bytes), times are the local clock. Each busy worker takes two
+lines: what it downloads, then a progress bar line.
+"""
 
 from __future__ import annotations
 
+import textwrap
 import time
 
+WIDTH = 80
+MAX_WIDTH = 100
 BAR_WIDTH = 24
+LABEL = 11  # "last hour  " and the indent of continuation lines
 
 
 def human_bytes(n: float | None) -> str:
@@ -14,72 +23,155 @@ def human_bytes(n: float | None) -> str:
         if abs(n) < 1000 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
-    return f"{n:.1f} TB"
+    return f"{n:.1f} TB"  # not reached
 
 
 def human_seconds(s: float | None) -> str:
     if s is None:
         return "--:--"
-    s = int(s)
+    s = max(0, int(s))
     h, rem = divmod(s, 3600)
     return f"{h}:{rem // 60:02d}:{rem % 60:02d}" if h else f"{rem // 60:02d}:{rem % 60:02d}"
 
 
-def bar(percent: float | None) -> str:
+def clock(at: float | None, now: float | None = None) -> str:
+    """Local time of day; with the date when it is not today."""
+    if at is None:
+        return "?"
+    when = time.localtime(at)
+    if now is not None and time.localtime(now)[:3] != when[:3]:
+        return time.strftime("%Y-%m-%d %H:%M:%S", when)
+    return time.strftime("%H:%M:%S", when)
+
+
+def bar(percent: float | None, width: int = BAR_WIDTH, mark: float | None = None) -> str:
+    """``[#####-----]``; unknown percent: ``[?????]``; ``mark`` (a percent) shows as ``|``."""
     if percent is None:
-        return "[" + "?" * BAR_WIDTH + "]"
-    filled = int(BAR_WIDTH * min(max(percent, 0.0), 100.0) / 100)
-    return "[" + "#" * filled + "-" * (BAR_WIDTH - filled) + "]"
+        return "[" + "?" * width + "]"
+    filled = int(width * min(max(percent, 0.0), 100.0) / 100)
+    cells = ["#"] * filled + ["-"] * (width - filled)
+    if mark is not None and 0 <= mark < 100:
+        at = int(width * mark / 100)
+        if at >= filled:
+            cells[at] = "|"
+    return "[" + "".join(cells) + "]"
 
 
-def _queue(q: dict) -> list[str]:
-    line = (f"queue: {q['queued']} queued, {q['downloading']} downloading, "
-            f"{q['downloaded']} downloaded, {q['failed']} failed, "
-            f"{q['waiting_for_selection']} waiting for a selection, {q['backing_off']} backing off")
-    lines = [line]
-    if q.get("next_retry_at"):
-        lines.append(f"  next retry at {time.strftime('%H:%M:%S', time.localtime(q['next_retry_at']))}")
+def clip(line: str, width: int = MAX_WIDTH) -> str:
+    return line if len(line) <= width else line[: width - 3] + "..."
+
+
+def _label(name: str, text: str) -> str:
+    return f"{name:<{LABEL}}{text}"
+
+
+def _more(text: str) -> str:
+    return " " * LABEL + text
+
+
+def _packed(parts: list[str], prefix: str = "") -> list[str]:
+    """Continuation lines: ``prefix`` then ``parts`` joined by ", ", wrapped at WIDTH."""
+    lines, line = [], prefix
+    for i, part in enumerate(parts):
+        if i and LABEL + len(line) + 2 + len(part) > WIDTH:
+            lines.append(_more(line + ","))
+            line = part
+        else:
+            line += (", " if i else "") + part
+    return lines + [_more(line)] if line else lines
+
+
+def _queue(q: dict, now: float | None) -> list[str]:
+    lines = [_label("queue", f"{q.get('queued', 0)} queued, {q.get('downloading', 0)} downloading, "
+                             f"{q.get('downloaded', 0)} downloaded, {q.get('failed', 0)} failed")]
+    waiting, backing = q.get("waiting_for_selection", 0), q.get("backing_off", 0)
+    if waiting or backing:
+        retry = f" (next retry {clock(q['next_retry_at'], now)})" if q.get("next_retry_at") else ""
+        lines += _packed([f"{waiting} wait for a selection", f"{backing} back off{retry}"],
+                         "of which ")
     if q.get("other_stages"):
-        lines.append("  other stages: " + ", ".join(f"{k}={v}" for k, v in sorted(q["other_stages"].items())))
+        lines += _packed([f"{k} {v}" for k, v in sorted(q["other_stages"].items())], "other stages: ")
     return lines
 
 
-def _worker(w: dict) -> str:
+def _worker(w: dict, id_width: int) -> list[str]:
+    head = f"  {w['id']:<{id_width}}  {w['state']:<11}  "
     job = w.get("job")
     if not job:
-        return f"  {w['id']:<8} {w['state']}"
-    title = f"{job['anime_title']} ep {job['episode']}"
-    pct = f"{job['percent']:5.1f}%" if job.get("percent") is not None else "  ?  %"
-    speed = f"{human_bytes(job.get('speed_bps'))}/s" if job.get("speed_bps") else "-"
-    return (f"  {w['id']:<8} {w['state']:<11} {bar(job.get('percent'))} {pct} "
-            f"{human_bytes(job.get('bytes'))} {speed} ETA {human_seconds(job.get('eta_seconds'))} "
-            f"({human_seconds(job.get('running_seconds'))}) {title}")
+        return [head.rstrip()]
+    right = f"  job {job['id']}, {human_seconds(job.get('running_seconds'))}"
+    title = f"{job.get('anime_title') or '?'} ep {job.get('episode')}"
+    room = WIDTH - len(head) - len(right)
+    if len(title) > room:
+        title = title[: max(room - 3, 8)] + "..."
+    first = head + title.ljust(room) + right
+    percent = job.get("percent")
+    pct = f"{percent:5.1f}%" if percent is not None else "    ?%"
+    speed = f"{human_bytes(job['speed_bps'])}/s" if job.get("speed_bps") else "-"
+    second = (" " * (4 + id_width) + f"{bar(percent)} {pct}  {human_bytes(job.get('bytes'))}  "
+              f"{speed}  ETA {human_seconds(job.get('eta_seconds'))}")
+    return [first, second]
+
+
+def _workers(workers: list[dict]) -> list[str]:
+    states: dict[str, int] = {}
+    for w in workers:
+        states[w["state"]] = states.get(w["state"], 0) + 1
+    summary = ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
+    lines = [_label("workers", f"{len(workers)} connected" + (f" ({summary})" if summary else ""))]
+    id_width = max((len(str(w["id"])) for w in workers), default=3)
+    for w in workers:
+        lines += _worker(w, id_width)
+    return lines
 
 
 def _disk(d: dict) -> list[str]:
-    lines = [f"disk: {d['state']}  usage {human_bytes(d['usage_bytes'])} "
-             f"(resume < {human_bytes(d['resume_threshold_bytes'])}, pause at "
-             f"{human_bytes(d['pause_threshold_bytes'])}, hard limit {human_bytes(d['hard_limit_bytes'])}); "
-             f"reserved {human_bytes(d['reserved_bytes'])}; free {human_bytes(d['free_bytes'])}"]
+    hard = d.get("hard_limit_bytes")
+    usage = d.get("usage_bytes")
+    percent = 100 * usage / hard if usage is not None and hard else None
+    pause_mark = 100 * d["pause_threshold_bytes"] / hard if hard and d.get("pause_threshold_bytes") else None
+    lines = [_label("disk", f"{d.get('state', 'unknown'):<10}{bar(percent, mark=pause_mark)} "
+                            f"{human_bytes(usage)} of {human_bytes(hard)} hard limit"),
+             _more(f"pause at {human_bytes(d.get('pause_threshold_bytes'))}, resume below "
+                   f"{human_bytes(d.get('resume_threshold_bytes'))}; reserved "
+                   f"{human_bytes(d.get('reserved_bytes'))}, free {human_bytes(d.get('free_bytes'))}")]
     if d.get("breakdown"):
-        lines.append("  " + ", ".join(f"{k} {human_bytes(v)}" for k, v in d["breakdown"].items()))
+        lines += _packed([f"{k.replace('_', ' ')} {human_bytes(v)}" for k, v in d["breakdown"].items()])
     if d.get("refusal"):
-        lines.append(f"  not starting downloads: {d['refusal']}")
+        lines += [_more(part) for part in textwrap.wrap(f"not starting downloads: {d['refusal']}",
+                                                        WIDTH - LABEL, subsequent_indent="  ")]
+    return lines
+
+
+def _failures(failures: list[dict], now: float | None) -> list[str]:
+    lines = []
+    for i, f in enumerate(failures):
+        messages = [m.strip() for m in (f.get("error") or "").splitlines() if m.strip()]
+        at = f" at {clock(f['at'], now)}" if f.get("at") else ""
+        head = f"job {f['id']} {f.get('anime_title') or '?'} ep {f.get('episode')}{at}:"
+        first = messages[0] if messages else "no message"
+        why = messages[-1:] if len(messages) > 1 else []  # the first line says what, the last why
+        if LABEL + len(head) + 1 + len(first) <= WIDTH:
+            head, shown = f"{head} {first}", why
+        else:
+            shown = [first] + why
+        lines.append(_label("failures", head) if i == 0 else _more(head))
+        lines += [_more("  " + m) for m in shown]
     return lines
 
 
 def render_text(status: dict) -> str:
-    lines = _queue(status["queue"])
-    lines.append(f"workers ({len(status['workers'])}):")
-    lines += [_worker(w) for w in status["workers"]] or ["  none connected"]
-    lines += _disk(status["disk"])
-    hour = status.get("last_hour", {})
-    lines.append(f"last hour: {hour.get('downloaded', 0)} episodes, average "
-                 f"{human_bytes(hour.get('average_size_bytes'))}")
-    failures = status.get("recent_failures") or []
-    if failures:
-        lines.append("recent failures:")
-        for f in failures:
-            first = (f.get("error") or "").splitlines()[0] if f.get("error") else ""
-            lines.append(f"  job {f['id']} {f['anime_title']} ep {f['episode']}: {first}")
-    return "\n".join(lines)
+    now = status.get("generated_at")
+    disp = status.get("dispatcher") or {}
+    flags = [f for f, on in (("dry run", disp.get("dry_run")), ("stopping", disp.get("stopping"))) if on]
+    if disp.get("anime_id") is not None:
+        flags.append(f"anime {disp['anime_id']} only")
+    lines = [f"anime-downloader at {clock(now)}" + (f" ({', '.join(flags)})" if flags else "")]
+    lines += _queue(status.get("queue") or {}, now)
+    lines += _workers(status.get("workers") or [])
+    lines += _disk(status.get("disk") or {})
+    hour = status.get("last_hour") or {}
+    lines.append(_label("last hour", f"{hour.get('downloaded', 0)} episodes downloaded, average "
+                                     f"{human_bytes(hour.get('average_size_bytes'))}"))
+    lines += _failures(status.get("recent_failures") or [], now)
+    return "\n".join(clip(line) for line in lines)

@@ -15,8 +15,7 @@ from typing import Callable
 import peewee
 
 from shared import models
-from shared.models import (STAGE_DOWNLOADED, STAGE_DOWNLOADING, STAGE_FAILED, STAGE_QUEUED,
-                           AnimeSelection, Job)
+from shared.models import STAGE_DOWNLOADED, STAGE_DOWNLOADING, STAGE_FAILED, STAGE_QUEUED, Job
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +85,12 @@ class SqlJobStore:
 
     def _with_selection(self, row: tuple) -> ClaimedJob:
         job_id, anime_id, title, episode, attempt, retry_count, max_retries = row
-        sel = AnimeSelection.get_or_none(AnimeSelection.mal_id == anime_id)
+        # Plain SQL on the hot path (per job): the query builder costs ~0.2 ms a call.
+        sel = self.db.execute_sql(
+            "SELECT selected_index, selected_title, confidence FROM anime_selection_cache "
+            "WHERE mal_id = ?", [anime_id]).fetchone() or (None, None, None)
         return ClaimedJob(job_id, anime_id, title, episode, attempt, retry_count or 0,
-                          3 if max_retries is None else max_retries,
-                          sel.selected_index if sel else None,
-                          sel.selected_title if sel else None,
-                          sel.confidence if sel else None)
+                          3 if max_retries is None else max_retries, *sel)
 
     def readopt(self, job_id: int, attempt: int, owner: str, deadline: float) -> ClaimedJob | None:
         """Give a queued job back to the worker still downloading its last attempt."""
@@ -104,28 +103,29 @@ class SqlJobStore:
         return self._with_selection(row) if row else None
 
     def extend_lease(self, job_id: int, deadline: float) -> None:
-        Job.update(lease_deadline=deadline).where(
-            (Job.id == job_id) & (Job.stage == STAGE_DOWNLOADING)).execute()
+        self.db.execute_sql("UPDATE jobs SET lease_deadline = ? WHERE id = ? AND stage = ?",
+                            [deadline, job_id, STAGE_DOWNLOADING])
 
     # --- endings ------------------------------------------------------------
 
     def mark_downloaded(self, job_id: int, attempt: int, video_path: str, size: int,
                         duration: float | None, now: float) -> bool:
         with self.db.atomic():
-            n = (Job.update(stage=STAGE_DOWNLOADED, video_path=video_path,
-                            video_size_bytes=size, video_duration_seconds=duration,
-                            error_message=None, lease_owner=None, lease_deadline=None,
-                            next_attempt_at=None, finished_at=now)
-                 .where((Job.id == job_id) & (Job.attempt == attempt)
-                        & (Job.stage.in_([STAGE_DOWNLOADING, STAGE_QUEUED])))
-                 .execute())
+            n = self.db.execute_sql(
+                "UPDATE jobs SET stage = ?, video_path = ?, video_size_bytes = ?, "
+                "video_duration_seconds = ?, error_message = NULL, lease_owner = NULL, "
+                "lease_deadline = NULL, next_attempt_at = NULL, finished_at = ? "
+                "WHERE id = ? AND attempt = ? AND stage IN (?, ?)",
+                [STAGE_DOWNLOADED, video_path, size, duration, now, job_id, attempt,
+                 STAGE_DOWNLOADING, STAGE_QUEUED]).rowcount
         return n == 1
 
     def requeue(self, job_id: int, attempt: int, count_retry: bool, error: str | None,
-                backoff: Callable[[int], float | None]) -> str | None:
+                backoff: Callable[[int], float | None], now: float | None = None) -> str | None:
         """Hand a job back; returns its new stage (queued or failed), None if not ours.
 
-        ``backoff(retry_count)`` gives the time before which it is not handed out again.
+        ``backoff(retry_count)`` gives the time before which it is not handed out again;
+        ``now`` is recorded as ``finished_at`` when the job fails for good.
         """
         job = Job.get_or_none((Job.id == job_id) & (Job.attempt == attempt)
                               & (Job.stage == STAGE_DOWNLOADING))
@@ -146,7 +146,8 @@ class SqlJobStore:
                        error_message=error if error is not None else job.error_message,
                        lease_owner=None, lease_deadline=None,
                        next_attempt_at=next_attempt_at,
-                       finished_at=None).where(Job.id == job_id).execute()
+                       finished_at=now if stage == STAGE_FAILED else None
+                       ).where(Job.id == job_id).execute()
         return stage
 
     def mark_failed(self, job_id: int, error: str, now: float) -> None:
@@ -167,8 +168,18 @@ class SqlJobStore:
                          j.lease_deadline) for j in query]
 
     def live_job_ids(self) -> set[int]:
-        query = Job.select(Job.id).where(Job.stage.in_([STAGE_QUEUED, STAGE_DOWNLOADING]))
-        return {j.id for j in query}
+        # Plain SQL: through the query builder this took 0.3 s CPU at 70,000 queued jobs.
+        cursor = self.db.execute_sql("SELECT id FROM jobs WHERE stage IN (?, ?)",
+                                     [STAGE_QUEUED, STAGE_DOWNLOADING])
+        return {row[0] for row in cursor}
+
+    def changed_elsewhere(self) -> bool:
+        """Whether another connection (anime-enqueue, the selector) committed since the last
+        call: PRAGMA data_version reads no table. Our own commits do not count."""
+        (version,) = self.db.execute_sql("PRAGMA data_version").fetchone()
+        changed = version != getattr(self, "_data_version", None)
+        self._data_version = version
+        return changed
 
     def stage_counts(self) -> dict[str, int]:
         cursor = self.db.execute_sql("SELECT stage, COUNT(*) FROM jobs GROUP BY stage")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import signal
 import socket
 import time
@@ -32,13 +31,16 @@ log = logging.getLogger(__name__)
 DISK_STALE_SECONDS = 5.0
 RESEND_SECONDS = 1.0
 STOP_GRACE_SECONDS = 8.0  # well inside supervisord's stopwaitsecs
+# ani-cli ended by SIGTERM/SIGINT: as a signal (Popen's negative codes) or as the
+# shell's 128+N (ani-cli is a shell script; the simulation exits 143/130 too)
+STOP_EXIT_CODES = (-signal.SIGTERM, -signal.SIGINT, 128 + signal.SIGTERM, 128 + signal.SIGINT)
 
 
 class Worker:
     def __init__(self, config: Config, worker_id: str) -> None:
         self.config = config
         self.worker_id = worker_id
-        self.session = secrets.token_hex(4)
+        self.session = os.urandom(4).hex()  # not secrets: it loads OpenSSL (+3.5 MB RSS)
         self.identity = f"{worker_id}/{self.session}".encode()
         self.sockets = Sockets(config)
         self.stop = StopRequest()
@@ -54,7 +56,7 @@ class Worker:
 
     @property
     def ctx(self) -> dict:
-        return dict(worker_id=self.worker_id, **(self.attempt.context if self.attempt else {}))
+        return {"worker_id": self.worker_id, **(self.attempt.context if self.attempt else {})}
 
     # --- sockets ------------------------------------------------------------
 
@@ -109,7 +111,7 @@ class Worker:
         fds = self.attempt.pipes() if self.attempt else []
         for fd in fds:
             poller.register(fd, zmq.POLLIN)
-        events = dict(poller.poll(250))
+        events = dict(poller.poll(self._poll_timeout_ms()))
         if self.stop.wakeup_fd in events:
             self.stop.drain()
             self._on_stop_signal()
@@ -120,6 +122,14 @@ class Worker:
         if self.dealer in events:
             self._drain(self.dealer, self._on_dispatcher)
         self._timers()
+
+    def _poll_timeout_ms(self) -> float:
+        """250 ms while an attempt runs (its deadline, the kill grace, a child holding the
+        pipes); idle, sleep until the next heartbeat: an idle worker wakes about once a
+        second (the disk state), not four times."""
+        if self.attempt is not None or self.pending is not None:
+            return 250
+        return max(0.0, min(self.next_beat - time.monotonic(), 5.0)) * 1000
 
     def _drain(self, sock: zmq.Socket, handler) -> None:
         for _ in range(100):
@@ -156,6 +166,8 @@ class Worker:
         if not isinstance(msg, DiskStateMsg):
             raise ProtocolError(f"unexpected {msg.KIND} on the disk state channel")
         was_ok = self._disk_ok()
+        if self.disk is None or msg.state != self.disk.state:
+            log.info(kv("disk state", state=msg.state, **self.ctx))
         self.disk, self.disk_at = msg, time.monotonic()
         if not was_ok and self.attempt is None:
             self.next_beat = 0.0  # ask for work at once, not at the next heartbeat
@@ -198,7 +210,7 @@ class Worker:
             self.send(JobFailed(worker_id=self.worker_id, session=self.session, job_id=job.job_id,
                                 attempt=job.attempt, reason=REASON_INTERRUPTED, error=why))
             return
-        self.attempt = Attempt(job, self.config)
+        self.attempt = Attempt(job, self.config, worker_id=self.worker_id)
         self.next_beat = 0.0
         log.info(kv("job received", anime_title=job.anime_title, **self.ctx))
         if job.dry_run:
@@ -281,12 +293,11 @@ class Worker:
             return
         if a.phase == "reporting" or self.pending is not None:
             return
-        p = a.latest
+        percent, speed_bps, eta_seconds = a.progress()
         self.send(JobHeartbeat(
             worker_id=self.worker_id, session=self.session, job_id=a.job.job_id,
             attempt=a.job.attempt, bytes=a.bytes_written() if a.proc else 0,
-            percent=p.percent if p else None, speed_bps=p.speed_bps if p else None,
-            eta_seconds=p.eta_seconds if p else None,
+            percent=percent, speed_bps=speed_bps, eta_seconds=eta_seconds,
             state="stopping" if self.stop.requested else a.phase, started_at=a.started_at))
 
     def _check_attempt(self, a: Attempt, now: float) -> None:
@@ -312,6 +323,10 @@ class Worker:
             self._fail(REASON_HARD_LIMIT, "aborted: disk usage reached hard_limit_gb")
         elif a.kill_reason == REASON_INTERRUPTED:
             self._fail(REASON_INTERRUPTED, "interrupted by a stop request")
+        elif self.stop.requested or code in STOP_EXIT_CODES:
+            # Stopped from outside (a shutdown signals every process at once, and
+            # ani-cli may die before our own handler runs): not the job's fault.
+            self._fail(REASON_INTERRUPTED, f"ani-cli was stopped by a signal (exit code {code})")
         else:
             outcome = download.judge(code, a.download_dir, tail)
             if outcome.no_space:

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -33,6 +34,7 @@ from services.worker import download
 from services.worker.progress import OutputTail, Progress, ProgressParser
 
 log = logging.getLogger(__name__)
+ORPHAN_RECORD = "ani-cli.pgid"  # "<pgid> <start time>" of the attempt's ani-cli
 
 _warned_no_ffmpeg = False
 
@@ -64,10 +66,15 @@ class Attempt:
     tails: dict[str, OutputTail] = field(default_factory=lambda: {
         "stdout": OutputTail(), "stderr": OutputTail()})
     latest: Progress | None = None
+    # Running max of this download's percent: yt-dlp's HLS percent swings with its estimated
+    # total (-N 16 finishes fragments out of order), a progress bar must not go backwards.
+    max_percent: float | None = None
+    _new_download: bool = False  # the last figure ended a download; the next one starts another
     post: PostResult | None = None
     post_thread: threading.Thread | None = None
     post_wakeup: tuple[int, int] | None = None  # pipe: the thread writes a byte when done
     lock_fd: int | None = None
+    worker_id: str = ""  # for the log lines
 
     @property
     def private_dir(self) -> Path:
@@ -80,7 +87,8 @@ class Attempt:
     @property
     def context(self) -> dict:
         j = self.job
-        return dict(job_id=j.job_id, anime_id=j.anime_id, episode=j.episode, attempt=j.attempt)
+        return dict(worker_id=self.worker_id or None, job_id=j.job_id, anime_id=j.anime_id,
+                    episode=j.episode, attempt=j.attempt)
 
     def argv(self) -> list[str]:
         d = self.config.downloader
@@ -100,6 +108,7 @@ class Attempt:
             os.close(fd)
             raise RuntimeError("private directory is in use by another attempt") from None
         self.lock_fd = fd
+        _kill_orphan(self.private_dir / ORPHAN_RECORD)
         for stale in self.private_dir.glob("ready-a*"):
             stale.unlink(missing_ok=True)
 
@@ -111,6 +120,8 @@ class Attempt:
         env = download.build_env(dict(os.environ), self.download_dir, self.private_dir / "hist",
                                  self.job.rate_limit_bps)
         self.proc = download.start(argv, self.download_dir, env)
+        (self.private_dir / ORPHAN_RECORD).write_text(
+            f"{self.proc.pid} {_start_time(self.proc.pid)}\n")
         self.deadline = time.monotonic() + d.timeout_seconds
         log.info(kv("ani-cli started", pid=self.proc.pid, argv=argv,
                     **self.context))
@@ -140,15 +151,36 @@ class Attempt:
                 if not chunk:
                     pipe.close()
                     break
-                figures = self.parsers[name].feed(chunk)
-                if figures:
-                    self.latest = figures[-1]
-                self.tails[name].feed(chunk)
+                self.feed(name, chunk)
         if all(p is None or p.closed for p in (self.proc.stdout, self.proc.stderr)):
             try:  # both pipes at EOF: it is exiting; reap it now rather than at the next poll
                 self.proc.wait(timeout=0.5)
             except subprocess.TimeoutExpired:
                 pass
+
+    def feed(self, stream: str, chunk: bytes) -> None:
+        """Account a chunk of ani-cli's ``stream`` ("stdout" or "stderr"): its own parser
+        and tail (two streams' partial lines never mix), the latest figure, the running max."""
+        for figure in self.parsers[stream].feed(chunk):
+            if self._new_download:
+                self.max_percent, self._new_download = None, False
+            self.latest = figure
+            if figure.percent is not None:
+                self.max_percent = max(self.max_percent or 0.0, figure.percent)
+            self._new_download = figure.done
+        self.tails[stream].feed(chunk)
+
+    def progress(self) -> tuple[float | None, float | None, float | None]:
+        """(percent, speed_bps, eta_seconds) for the heartbeat. The percent is the running max
+        of the current download, None while the latest figure has none (ffmpeg's never does);
+        without an ETA from the tool (yt-dlp's HLS says Unknown) one from its estimated total."""
+        p = self.latest
+        if p is None:
+            return None, None, None
+        eta = p.eta_seconds
+        if eta is None and p.total_bytes and p.downloaded_bytes is not None and p.speed_bps:
+            eta = round(max(0, p.total_bytes - p.downloaded_bytes) / p.speed_bps, 1)
+        return (self.max_percent if p.percent is not None else None), p.speed_bps, eta
 
     def output_tail(self) -> str:
         """The last lines of stderr (what the spec's error message carries), else stdout."""
@@ -273,6 +305,37 @@ class Attempt:
             for fd in self.post_wakeup:
                 os.close(fd)
             self.post_wakeup = None
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time (clock ticks since boot), to tell it from a reused pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _kill_orphan(record: Path) -> None:
+    """A worker killed with SIGKILL leaves ani-cli running in its own session, still
+    writing into the private directory: kill that group before a new attempt starts.
+    Only called with the directory's lock held, so no live attempt owns that group."""
+    try:
+        pid_text, started = record.read_text().split()
+        pgid = int(pid_text)
+    except (OSError, ValueError):
+        return
+    now_started = _start_time(pgid)
+    # the leader alive with the recorded start time is ours; with no process of that
+    # pid left, a group of that id can only be what remains of ours
+    if now_started is None or now_started == started:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+            log.warning(kv("killed ani-cli left running by a killed worker", pgid=pgid,
+                           directory=record.parent))
+        except ProcessLookupError:
+            pass
+    record.unlink(missing_ok=True)
 
 
 def _warn_no_ffmpeg() -> None:

@@ -26,8 +26,9 @@ def test_launcher_renders_the_repo_conf_for_the_config(tmp_path):
     conf = rendered(tmp_path, "-w", "4", "--dry-run", "--anime-id", "5114", "-v", "--exit-when-done")
     assert conf.get("program:worker", "numprocs") == "4"
     dispatcher = conf.get("program:dispatcher", "command")
-    assert dispatcher.endswith(f"-c {tmp_path}/config.toml --dry-run --anime-id 5114 --exit-when-done -v"
-                               " --workers 4")  # total_bandwidth_mbps is shared among at least 4
+    # total_bandwidth_mbps is shared among at least the 4 workers started
+    assert dispatcher.endswith(f"-c {tmp_path}/config.toml --workers 4 --dry-run --anime-id 5114 "
+                               "--exit-when-done -v")
     assert conf.get("program:dispatcher", "autorestart") == "unexpected"
     assert conf.get("program:worker", "stdout_logfile") == f"{tmp_path}/data/logs/%(program_name)s_%(process_num)02d.log"
     assert conf.get("unix_http_server", "file") == f"{tmp_path}/data/run/supervisor.sock"
