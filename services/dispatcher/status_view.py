@@ -1,4 +1,4 @@
-"""The status document served to ``anime-status`` (shape documented in docs/status.md).
+"""The status document served to ``anime-status`` (shape documented in README.md, "Seeing what it is doing").
 
 Built from what the dispatcher keeps in memory, never from a query per request:
 the stage counts, the queue detail and the recent failures are refreshed by
