@@ -20,7 +20,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import xmlrpc.client
 from pathlib import Path
 

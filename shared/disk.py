@@ -35,7 +35,6 @@ import psutil
 
 log = logging.getLogger(__name__)
 
-from shared.config import GB
 from shared.layout import IN_PROGRESS_DIRNAME
 
 BLOCK_SIZE = 512  # unit of st_blocks on Linux, whatever the filesystem block size

@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 import msgpack
 
 VERSION = 1
-MAX_MESSAGE_BYTES = 256 * 1024  # also set as ZMQ_MAXMSGSIZE on every socket
+MAX_MESSAGE_BYTES = 256 * 1024  # also ZMQ_MAXMSGSIZE (+1 KiB) on every bound socket
 
 # Why a job attempt ended without a file (JobFailed.reason). Only ERROR and
 # TIMEOUT count towards max_retries; the others hand the job back untouched.

@@ -57,10 +57,14 @@ def _prepare_ipc(endpoint: str, run_dir: Path) -> None:
             os.chmod(directory, 0o700)
 
 
-def _limits(sock: zmq.Socket) -> None:
+def _limits(sock: zmq.Socket, client: bool = False) -> None:
     sock.setsockopt(zmq.LINGER, 0)
     # A peer sending more than this is disconnected by libzmq before we parse it.
-    sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES + 1024)
+    # Not on a connecting socket: libzmq never reconnects a connection it cut for a
+    # message too large, so the client would be cut off from its server for good;
+    # there decode() refuses (and the caller logs) anything over MAX_MESSAGE_BYTES.
+    if not client:
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES + 1024)
 
 
 class Refusals:
@@ -326,7 +330,7 @@ class Sockets:
     def connect(self, kind: int, endpoint: str, identity: bytes | None = None,
                 immediate: bool = False) -> zmq.Socket:
         sock = self.context.socket(kind)
-        _limits(sock)
+        _limits(sock, client=True)
         key = self._endpoint_key(endpoint)
         try:
             if identity is not None:

@@ -16,6 +16,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import xmlrpc.client
 from pathlib import Path
@@ -82,6 +83,7 @@ class System:
         self.config_path.write_text(render_toml(tables))
         self.write_catalog({"defaults": {"size": 2048, "duration": 0.0}, "anime": []})
         self.processes: list[subprocess.Popen] = []
+        self._lines: dict[int, list[str]] = {}
         self.supervisord: subprocess.Popen | None = None
 
     # --- paths --------------------------------------------------------------
@@ -138,11 +140,29 @@ class System:
                               capture_output=True, text=True, stdin=subprocess.DEVNULL)
 
     def spawn(self, *args: str) -> subprocess.Popen:
+        """Start a console script in the background. Its output (stdout and stderr) is read
+        as it comes into ``lines(proc)``: a full pipe would block it (and the launcher's
+        supervisord with it)."""
         proc = subprocess.Popen(self.command(*args), cwd=self.root, env=self.env(),
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         self.processes.append(proc)
+        lines: list[str] = []
+        self._lines[proc.pid] = lines
+
+        def pump() -> None:
+            for raw in iter(proc.stdout.readline, b""):
+                lines.append(raw.decode("utf-8", "replace"))
+
+        threading.Thread(target=pump, daemon=True).start()
         return proc
+
+    def lines(self, proc: subprocess.Popen) -> list[str]:
+        """The output of a spawned process so far (a live list)."""
+        return self._lines[proc.pid]
+
+    def output(self, proc: subprocess.Popen) -> str:
+        return "".join(self._lines[proc.pid])
 
     def start_supervisord(self, workers: int = 3, *extra: str) -> subprocess.Popen:
         """The real supervisord through the launcher (no --exit-when-done)."""

@@ -29,6 +29,9 @@ from shared.sockets import Sockets
 
 log = logging.getLogger(__name__)
 PUBLISH_SECONDS = 1.0
+# Nothing downloading and running: every subscriber (each worker, the dispatcher) wakes
+# for each publication; the level state stays well inside their 5 s staleness limit.
+IDLE_PUBLISH_SECONDS = 2.0
 # While files grow in .in_progress, or while the disk is paused and waiting for a
 # transcriber's deletions, re-measure this often (incremental: ~10 ms on 100,000 files),
 # but never spend more than ACTIVE_BUSY_FRACTION of the time measuring.
@@ -95,7 +98,7 @@ class DiskWatcherServer:
         self.pub.send_multipart(encode(msg))
         if active:
             return min(PUBLISH_SECONDS, max(ACTIVE_MEASURE_SECONDS, cost / ACTIVE_BUSY_FRACTION))
-        return PUBLISH_SECONDS
+        return IDLE_PUBLISH_SECONDS
 
     def run(self) -> int:
         zc = self.config.zmq

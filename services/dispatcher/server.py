@@ -19,6 +19,7 @@ from services.dispatcher.store import DryRunStore, SqlJobStore
 
 log = logging.getLogger(__name__)
 TICK_SECONDS = 0.5
+IDLE_TICK_SECONDS = 1.0
 
 
 class DispatcherServer:
@@ -58,6 +59,7 @@ class DispatcherServer:
             while not self.stop.requested:
                 timeout = max(0.0, next_tick - time.monotonic())
                 events = dict(self.poller.poll(timeout * 1000))
+                had_leases = bool(d.leases)
                 if self.stop.wakeup_fd in events:
                     self.stop.drain()
                     continue
@@ -69,9 +71,12 @@ class DispatcherServer:
                     self._drain(self.status, self._on_status)
                 if time.monotonic() >= next_tick:
                     self._send(self.dispatcher.tick(time.time()))
-                    next_tick = time.monotonic() + TICK_SECONDS
+                    # Nothing leased: lease deadlines need no watching, wake less often.
+                    next_tick = time.monotonic() + (TICK_SECONDS if d.leases else IDLE_TICK_SECONDS)
                 self._flush_disk_requests()
-                if self.options.exit_when_done and time.monotonic() >= done_check:
+                # At once when the last lease ends on an empty queue, else every tick.
+                if self.options.exit_when_done and (time.monotonic() >= done_check or (
+                        had_leases and not d.leases and d._queue_empty)):
                     done_check = time.monotonic() + TICK_SECONDS
                     if d.done(time.time()):
                         return self._finish()

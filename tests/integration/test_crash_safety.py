@@ -17,10 +17,14 @@ import pytest
 
 from tests.system import System, wait_for
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.slow
 
 
 # --- helpers -------------------------------------------------------------------
+
+def start(system: System, workers: int) -> subprocess.Popen:
+    return system.start_supervisord(workers)
+
 
 def build_catalog(system: System, animes: dict[int, int], rng: random.Random,
                   duration: tuple[float, float], extra: dict | None = None) -> dict[tuple[int, int], int]:
@@ -100,32 +104,48 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+def no_private_dirs(system: System) -> None:
+    """The worker removes its private directory after the ack that follows the DB write."""
+    wait_for(lambda: not system.private_dirs(), 10, "no private directory left")
+
+
+def hanging(system: System, size: int) -> bool:
+    """A ``hang`` run reached its hang: half the bytes are in the ``.part``."""
+    return any(p.stat().st_size >= size // 2
+               for d in system.private_dirs() for p in d.glob("dl/*.part"))
+
+
 def downloaded(system: System) -> int:
     return system.stages().get("downloaded", 0)
 
 
 # --- chaos ---------------------------------------------------------------------
 
+@pytest.mark.timeout(180)
 def test_chaos_kill_9_anything_every_job_lands_exactly_once(make_system) -> None:
     seed = int(os.environ.get("CHAOS_SEED", random.randrange(1 << 30)))
     rng = random.Random(seed)
     system = make_system({"queue": {"lease_seconds": 4, "heartbeat_seconds": 1}})
-    sizes = build_catalog(system, {101: 50, 102: 50, 103: 50, 104: 50}, rng, (0.05, 0.5))
+    sizes = build_catalog(system, {101: 50, 102: 50, 103: 50, 104: 50}, rng, (0.05, 0.2))
     started = time.monotonic()
-    system.start_supervisord(4)
+    start(system, 4)
     victims = ["dispatcher", "disk-watcher"] + [f"worker:worker_{i:02d}" for i in range(1, 5)]
     kills: Counter = Counter()
-    chaos_until = started + 35
-    while time.monotonic() < chaos_until and downloaded(system) < len(sizes) - 10:
+    # every kind of process dies at least twice, in a random order, then anything
+    plan = ["dispatcher", "disk-watcher"] * 2 + [rng.choice(victims[2:]) for _ in range(6)]
+    rng.shuffle(plan)
+    chaos_until = started + 25
+    while plan or time.monotonic() < chaos_until and downloaded(system) < len(sizes) - 10:
         # a random moment: after a random number of further ani-cli starts
         target = len(system.sim_runs("start")) + rng.randint(1, 8)
         try:
             wait_for(lambda: len(system.sim_runs("start")) >= target, 15, "more downloads")
         except AssertionError:
             pass  # nothing starting (everything restarting): kill anyway
-        name = rng.choice(victims[:2] + victims[2:] * 2)  # workers twice as often
+        name = plan.pop() if plan else rng.choice(victims)
         pid = running(system, name)
-        if pid is None:
+        if pid is None:  # still restarting from the last kill: later
+            plan.insert(0, name)
             continue
         os.kill(pid, signal.SIGKILL)
         kills[name.split(":")[0]] += 1
@@ -149,7 +169,8 @@ def test_chaos_kill_9_anything_every_job_lands_exactly_once(make_system) -> None
           f"ani-cli runs={sum(runs.values())} reruns={reruns} "
           f"max runs/episode={max(runs.values())}, retries={sum(j['retry_count'] for j in system.jobs())}, "
           f"{elapsed:.1f}s")
-    assert kills["dispatcher"] >= 1 and kills["worker"] >= 3, f"too little chaos: {kills}"
+    assert kills["dispatcher"] >= 2 and kills["disk-watcher"] >= 2 and kills["worker"] >= 4, \
+        f"too little chaos: {kills}"
 
 
 # --- scaling -------------------------------------------------------------------
@@ -157,8 +178,8 @@ def test_chaos_kill_9_anything_every_job_lands_exactly_once(make_system) -> None
 def test_scaling_numprocs_2_to_4_loses_nothing_and_counts_no_retry(make_system) -> None:
     system = make_system()
     rng = random.Random(5)
-    sizes = build_catalog(system, {201: 16}, rng, (1.0, 1.5))
-    system.start_supervisord(2)
+    sizes = build_catalog(system, {201: 8}, rng, (1.0, 1.5))
+    start(system, 2)
     wait_for(lambda: system.stages().get("downloading", 0) == 2 and downloaded(system) >= 1, 30,
              "two downloads in flight after a first one landed")
     conf = system.data / "run" / "supervisord.conf"
@@ -179,15 +200,15 @@ def test_scaling_numprocs_2_to_4_loses_nothing_and_counts_no_retry(make_system) 
     worker_logs = "".join(system.log(f"worker_{i:02d}") for i in (1, 2))
     assert "reason=interrupted" in worker_logs
     check_storage(system, sizes)
-    assert not system.private_dirs()
+    no_private_dirs(system)
 
 
 # --- stopping ------------------------------------------------------------------
 
 def test_sigterm_to_the_whole_system_then_start_again(make_system) -> None:
     system = make_system()
-    sizes = build_catalog(system, {301: 12}, random.Random(7), (1.0, 2.0))
-    launcher = system.start_supervisord(3)
+    sizes = build_catalog(system, {301: 6}, random.Random(7), (1.0, 1.5))
+    launcher = start(system, 3)
     wait_for(lambda: system.stages().get("downloading", 0) == 3, 30, "three downloads in flight")
     stopped_at = time.monotonic()
     launcher.send_signal(signal.SIGTERM)
@@ -197,7 +218,7 @@ def test_sigterm_to_the_whole_system_then_start_again(make_system) -> None:
     assert {j["stage"] for j in jobs} <= {"queued", "downloaded"}, [j["stage"] for j in jobs]
     assert all(j["retry_count"] == 0 for j in jobs)
     system.processes.remove(launcher)
-    system.start_supervisord(3)
+    start(system, 3)
     wait_for(lambda: downloaded(system) == len(sizes), 60, f"all downloaded ({system.stages()})")
     jobs = system.jobs()
     assert [j["id"] for j in jobs if j["retry_count"]] == []
@@ -212,7 +233,7 @@ def test_graceful_stop_of_one_worker_hands_its_job_back(make_system) -> None:
                                                            "spawn_child": True}}])
     system.write_catalog(catalog)
     system.enqueue(401, "Slow Show", [1], selected_index=1)
-    system.start_supervisord(1)
+    start(system, 1)
     wait_for(lambda: system.sim_runs("child") and system.stages().get("downloading"), 30,
              "ani-cli running with a child")
     child = system.sim_runs("child")[0]["child_pid"]
@@ -247,3 +268,99 @@ def test_a_second_dispatcher_exits_at_once_with_a_clear_message(make_system) -> 
     assert time.monotonic() - t0 < 10
     assert "already running" in second.stderr and str(first.pid) in second.stderr, second.stderr
     assert first.poll() is None
+
+
+def test_a_second_stop_signal_makes_the_worker_exit_at_once(make_system) -> None:
+    system = make_system()
+    catalog = {"defaults": {"size": 2048, "duration": 0.0}, "anime": []}
+    system.add_anime(catalog, "Stuck Show", [{"title": "Stuck Show (site)", "episodes": 1,
+                                              "behaviour": {"size": 100_000,
+                                                            "hang": "ignore_term"}}])
+    system.write_catalog(catalog)
+    system.enqueue(601, "Stuck Show", [1], selected_index=1)
+    start(system, 1)
+    wait_for(lambda: hanging(system, 100_000), 30, "ani-cli hanging half-way (SIGTERM ignored)")
+    ani_cli = system.sim_runs("start")[0]["pid"]
+    worker = running(system, "worker:worker_01")
+    os.kill(worker, signal.SIGTERM)
+    wait_for(lambda: "stop requested: taking no more work" in system.log("worker_01"), 10,
+             "the worker to take the first signal")
+    assert pid_alive(worker) and pid_alive(ani_cli)  # ani-cli ignores SIGTERM: still waiting
+    t0 = time.monotonic()
+    os.kill(worker, signal.SIGTERM)
+    wait_for(lambda: not pid_alive(worker), 5, "the worker to exit on the second signal")
+    assert time.monotonic() - t0 < 1.5
+    assert "second stop signal: exiting now" in system.log("worker_01")
+    wait_for(lambda: not pid_alive(ani_cli), 5, "ani-cli's group to be killed")
+    # the job is not lost: the restarted worker's new session takes it again
+    catalog["anime"][0]["results"][0]["behaviour"] = {"size": 100_000}
+    system.write_catalog(catalog)
+    wait_for(lambda: system.stages() == {"downloaded": 1}, 30, f"the job done ({system.stages()})")
+
+
+def test_a_dispatcher_restart_does_not_disturb_running_downloads(make_system) -> None:
+    system = make_system()
+    sizes = build_catalog(system, {701: 3}, random.Random(3), (2.0, 2.5))
+    start(system, 3)
+    wait_for(lambda: system.stages().get("downloading", 0) == 3, 30, "three downloads in flight")
+    t0 = time.monotonic()
+    stop = system.supervisorctl("stop", "dispatcher")
+    assert stop.returncode == 0 and time.monotonic() - t0 < 3, stop
+    info = system.process_info("dispatcher")
+    assert info["statename"] == "STOPPED" and info["exitstatus"] == 0, info
+    # the downloads go on and finish while the dispatcher is away
+    wait_for(lambda: len(system.sim_runs("end")) >= 3, 20, "the in-flight downloads to end")
+    assert system.stages().get("downloading", 0) == 3
+    assert system.supervisorctl("start", "dispatcher").returncode == 0
+    wait_for(lambda: downloaded(system) == len(sizes), 60, f"all downloaded ({system.stages()})")
+    jobs = system.jobs()
+    assert [(j["id"], j["retry_count"], j["attempt"]) for j in jobs if j["retry_count"]
+            or j["attempt"] != 1] == []
+    assert max(runs_per_episode(system).values()) == 1, "a download was run twice"
+    assert "lease re-adopted" in system.log("dispatcher")
+    check_storage(system, sizes)
+    no_private_dirs(system)
+
+
+def test_ani_cli_stopped_by_a_signal_from_outside_is_not_the_jobs_fault(make_system) -> None:
+    """A shutdown signals every process at once: ani-cli may die of SIGTERM before the
+    worker hears its own signal. That is an interruption, not a failed attempt."""
+    system = make_system()
+    catalog = {"defaults": {"size": 2048, "duration": 0.0}, "anime": []}
+    system.add_anime(catalog, "Long Show", [{"title": "Long Show (site)", "episodes": 1,
+                                             "behaviour": {"size": 100_000, "duration": 30}}])
+    system.write_catalog(catalog)
+    system.enqueue(801, "Long Show", [1], selected_index=1, max_retries=0)
+    start(system, 1)
+    wait_for(lambda: system.sim_runs("start") and system.stages().get("downloading"), 30,
+             "ani-cli running")
+    catalog["anime"][0]["results"][0]["behaviour"] = {"size": 100_000}
+    system.write_catalog(catalog)
+    os.killpg(system.sim_runs("start")[0]["pid"], signal.SIGTERM)
+    wait_for(lambda: system.stages() == {"downloaded": 1}, 30, f"the job done ({system.stages()})")
+    assert system.jobs()[0]["retry_count"] == 0
+    assert "reason=interrupted" in system.log("worker_01")
+
+
+def test_ani_cli_orphaned_by_a_killed_worker_is_stopped_before_the_retry(make_system) -> None:
+    """kill -9 of a worker leaves ani-cli running in its own session; the next attempt
+    on the same private directory kills it first, so two downloaders never share it."""
+    system = make_system()
+    catalog = {"defaults": {"size": 2048, "duration": 0.0}, "anime": []}
+    system.add_anime(catalog, "Long Show", [{"title": "Long Show (site)", "episodes": 1,
+                                             "behaviour": {"size": 200_000, "hang": True}}])
+    system.write_catalog(catalog)
+    system.enqueue(901, "Long Show", [1], selected_index=1)
+    start(system, 1)
+    # a hung ani-cli writes nothing more, so the closed pipes of its dead worker do not
+    # end it (one that writes dies of SIGPIPE)
+    wait_for(lambda: hanging(system, 200_000), 30, "ani-cli hanging half-way")
+    orphan = system.sim_runs("start")[0]["pid"]
+    catalog["anime"][0]["results"][0]["behaviour"] = {"size": 200_000, "duration": 1.0}
+    system.write_catalog(catalog)
+    os.kill(running(system, "worker:worker_01"), signal.SIGKILL)
+    wait_for(lambda: len(system.sim_runs("start")) >= 2, 30, "the retry to start")
+    assert not pid_alive(orphan), "the killed worker's ani-cli still runs beside the retry"
+    wait_for(lambda: system.stages() == {"downloaded": 1}, 30, f"the job done ({system.stages()})")
+    check_storage(system, {(901, 1): 200_000})
+    assert "killed ani-cli left running by a killed worker" in system.log("worker_01")

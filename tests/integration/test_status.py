@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import signal
-import threading
 import time
 
 from tests.system import System, wait_for
@@ -22,22 +21,6 @@ TITLE = "Slow Show"
 MAL_ID = 4242
 NO_SELECTION = 777
 GB = 1000**3
-
-
-class Terminal:
-    """Collects the launcher's output (its terminal), so its pipe never fills."""
-
-    def __init__(self, proc) -> None:
-        self.lines: list[str] = []
-        self.thread = threading.Thread(target=self._read, args=(proc.stdout,), daemon=True)
-        self.thread.start()
-
-    def _read(self, stream) -> None:
-        for raw in iter(stream.readline, b""):
-            self.lines.append(raw.decode("utf-8", "replace"))
-
-    def text(self) -> str:
-        return "".join(self.lines)
 
 
 def anime_status(system: System, *args: str, timeout: float = 20):
@@ -71,7 +54,7 @@ def test_status_during_and_after_a_run(make_system):
     system.enqueue(MAL_ID, TITLE, [1, 2], selected_index=1)
     system.enqueue(MAL_ID, TITLE, [3], selected_index=1, max_retries=0)
     system.enqueue(NO_SELECTION, "Nobody Chose Me", [1])
-    terminal = Terminal(system.start_supervisord(2))
+    launcher = system.start_supervisord(2)
 
     # During the run: both workers' jobs, with a percent that rises between two polls.
     first = wait_for(lambda: busy_jobs(status_json(system)), 20, "two workers downloading")
@@ -144,7 +127,8 @@ def test_status_during_and_after_a_run(make_system):
                and f"anime_id={MAL_ID}" in line and "worker_id=w0" in line
                for line in dispatcher_log.splitlines())
     assert "failed" in dispatcher_log and "episode=3" in dispatcher_log
-    wait_for(lambda: "ani-cli started" in terminal.text() and "dispatcher" in terminal.text(), 10,
+    wait_for(lambda: "ani-cli started" in system.output(launcher)
+             and "dispatcher" in system.output(launcher), 10,
              "the services' log lines on the launcher's terminal")
 
 
@@ -165,8 +149,8 @@ def test_watch_keeps_asking_while_nothing_answers(make_system):
     system = make_system()
     proc = system.spawn("anime-status", "-c", str(system.config_path), "--watch", "0.1",
                         "--timeout", "0.2")
-    terminal = Terminal(proc)
-    wait_for(lambda: terminal.text().count("no answer from the dispatcher") >= 2, 10,
+    
+    wait_for(lambda: system.output(proc).count("no answer from the dispatcher") >= 2, 10,
              "two rounds of --watch")
     assert proc.poll() is None
     proc.send_signal(signal.SIGINT)

@@ -172,6 +172,18 @@ def test_a_lease_goes_only_to_a_worker_that_asked_for_work(rig: Rig) -> None:
     assert only_assign(rig.ready(A, 2.0), A).job_id == 2
 
 
+def test_work_added_by_another_program_is_handed_out_without_a_restart(rig: Rig) -> None:
+    rig.enqueue(1, [1])
+    job = only_assign(rig.ready(A, 1.0), A)
+    rig.finished(A, job, 1.1)
+    rig.landed(A, job, str(layout.episode_path(rig.config.storage_dir, 1, 1, ".mp4")), 1.2)
+    assert assigns(rig.ready(A, 1.3)) == []  # the queue is empty: A waits idle
+    rig.tick(1.4)  # a refresh pass ran just now, so the next one is rate-limited
+    rig.enqueue(2, [1])  # anime-enqueue commits from its own connection
+    rig.tick(1.5)  # seen, inside the rate limit: must not be forgotten
+    assert only_assign(rig.tick(2.6), A).job_id == 2
+
+
 def test_no_lease_without_a_fresh_disk_state(tmp_path: Path) -> None:
     r = Rig(tmp_path)
     r.enqueue(1, [1, 2])

@@ -134,7 +134,7 @@ def test_unusable_server_key_file_is_named(tmp_path, keys, opened, secret_file, 
                           "authorized_keys_dir": kdir / "authorized"})
     with pytest.raises(ConfigError) as err:
         opened(config).bind(zmq.ROUTER, config.zmq.dispatcher, "dispatcher")
-    assert f"[zmq.curve] server_secret_key: " in str(err.value)
+    assert "[zmq.curve] server_secret_key: " in str(err.value)
     assert problem in str(err.value)
 
 
