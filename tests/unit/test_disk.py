@@ -17,6 +17,7 @@ except ModuleNotFoundError:  # pytest run without the repo root on sys.path
     from shared import disk
 
 from shared.disk import IN_PROGRESS_DIRNAME, DiskMonitor, DiskState, DiskUsage, Thresholds, next_state
+from shared.config import GB
 
 pytestmark = pytest.mark.skipif(shutil.which("du") is None, reason="needs GNU du")
 
@@ -363,9 +364,9 @@ def test_invalidate_and_force(tree: Path, clock: FakeClock) -> None:
 
 # -- state machine ------------------------------------------------------------------------
 
-T = Thresholds(pause_bytes=80 * disk.GB, resume_bytes=60 * disk.GB, hard_limit_bytes=95 * disk.GB, min_free_bytes=5 * disk.GB)
-OK_FREE = 100 * disk.GB
-LOW_FREE = 1 * disk.GB
+T = Thresholds(pause_bytes=80 * GB, resume_bytes=60 * GB, hard_limit_bytes=95 * GB, min_free_bytes=5 * GB)
+OK_FREE = 100 * GB
+LOW_FREE = 1 * GB
 R, P, H = DiskState.RUNNING, DiskState.PAUSED, DiskState.HARD_LIMIT
 
 
@@ -388,7 +389,7 @@ R, P, H = DiskState.RUNNING, DiskState.PAUSED, DiskState.HARD_LIMIT
         (P, 59.999, OK_FREE, R),
         (P, 10, OK_FREE, R),
         (P, 10, LOW_FREE, P),  # below resume but free space still too low
-        (P, 10, 5 * disk.GB, R),  # free == min_free is enough
+        (P, 10, 5 * GB, R),  # free == min_free is enough
         (P, 95, OK_FREE, H),
         # hard limit
         (H, 95, OK_FREE, H),
@@ -398,14 +399,14 @@ R, P, H = DiskState.RUNNING, DiskState.PAUSED, DiskState.HARD_LIMIT
     ],
 )
 def test_next_state_table(previous: DiskState, usage_gb: float, free: int, expected: DiskState) -> None:
-    assert next_state(previous, int(usage_gb * disk.GB), free, T) is expected
+    assert next_state(previous, int(usage_gb * GB), free, T) is expected
 
 
 def test_next_state_sequence_with_hysteresis() -> None:
     state = R
     seen = []
     for usage_gb in [50, 79, 81, 70, 61, 59, 70, 96, 90, 50, 50]:
-        state = next_state(state, usage_gb * disk.GB, OK_FREE, T)
+        state = next_state(state, usage_gb * GB, OK_FREE, T)
         seen.append(state)
     assert seen == [R, R, P, P, P, R, R, H, P, R, R]
     assert DiskState("hard_limit") is H and H == "hard_limit"
