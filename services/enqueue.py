@@ -11,7 +11,7 @@ import argparse
 import sqlite3
 import sys
 
-from shared.config import ConfigError, load_config
+from shared.lifecycle import config_or_exit
 from shared.models import CONTRACT_DDL
 
 CONFIDENCES = ("high", "medium", "low")
@@ -90,11 +90,7 @@ def enqueue(db_path, mal_id: int, title: str, episodes: list[int], max_retries: 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(f"anime-enqueue: {exc}", file=sys.stderr)
-        return 2
+    config = config_or_exit("anime-enqueue", args.config)
     selection = None
     if args.selected_index is not None:
         selection = (args.selected_index, args.selected_title or args.title, args.confidence or "high")

@@ -23,8 +23,8 @@ import threading
 import xmlrpc.client
 from pathlib import Path
 
-from shared.config import Config, ConfigError, load_config
-from shared.lifecycle import StopRequest
+from shared.config import Config
+from shared.lifecycle import StopRequest, config_or_exit
 
 REPO_DIR = Path(__file__).resolve().parent.parent
 TEMPLATE = REPO_DIR / "supervisord.conf"
@@ -231,11 +231,7 @@ class Launcher:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(f"anime-downloader: {exc}", file=sys.stderr)
-        return 2
+    config = config_or_exit("anime-downloader", args.config)
     return Launcher(config, args).run()
 
 

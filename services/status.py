@@ -14,7 +14,8 @@ import time
 
 import zmq
 
-from shared.config import ConfigError, load_config
+from shared.config import ConfigError
+from shared.lifecycle import config_or_exit
 from shared.protocol import ProtocolError, StatusReply, StatusRequest, decode, encode
 from shared.sockets import Sockets
 from services.status_text import render_text
@@ -70,11 +71,7 @@ def show(status: dict, as_json: bool) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(f"anime-status: {exc}", file=sys.stderr)
-        return 2
+    config = config_or_exit("anime-status", args.config)
     sockets = Sockets(config)
     try:
         if args.watch is None:

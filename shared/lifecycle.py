@@ -14,6 +14,7 @@ import signal
 import socket
 import sys
 import time
+from typing import Callable, Protocol
 
 DEBUG_ENV = "ANIME_DOWNLOADER_DEBUG"
 
@@ -84,3 +85,40 @@ class StopRequest:
     @property
     def requested(self) -> bool:
         return self.count > 0
+
+
+class Service(Protocol):
+    def run(self) -> int: ...
+
+
+def run_service(prog: str, build: Callable[[], Service]) -> int:
+    """Build a service and run it, turning the expected start-up problems into one line
+    on stderr: a bad config (or an endpoint refused at bind) exits 2, another instance
+    already running (or no database for --dry-run) exits 3."""
+    from shared.config import ConfigError
+    from shared.singleton import AlreadyRunning
+
+    try:
+        service = build()
+    except ConfigError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
+    except (AlreadyRunning, FileNotFoundError) as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 3
+    try:
+        return service.run()
+    except ConfigError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
+
+
+def config_or_exit(prog: str, path: str):
+    """load_config for the command-line tools: a bad config is one line and exit 2."""
+    from shared.config import ConfigError, load_config
+
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

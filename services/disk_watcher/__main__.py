@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from shared.config import ConfigError, load_config
-from shared.lifecycle import setup_logging
-from shared.singleton import AlreadyRunning
+from shared.config import load_config
+from shared.lifecycle import run_service, setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,21 +18,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true", help="DEBUG logging")
     args = parser.parse_args(argv)
     setup_logging("disk-watcher", args.verbose)
-    try:
+
+    def build():
         from services.disk_watcher.service import DiskWatcherServer
 
-        server = DiskWatcherServer(load_config(args.config))
-    except ConfigError as exc:
-        print(f"anime-disk-watcher: {exc}", file=sys.stderr)
-        return 2
-    except AlreadyRunning as exc:
-        print(f"anime-disk-watcher: {exc}", file=sys.stderr)
-        return 3
-    try:
-        return server.run()
-    except ConfigError as exc:  # an endpoint refused at bind (e.g. non-loopback without CURVE)
-        print(f"anime-disk-watcher: {exc}", file=sys.stderr)
-        return 2
+        return DiskWatcherServer(load_config(args.config))
+
+    return run_service("anime-disk-watcher", build)
 
 
 if __name__ == "__main__":

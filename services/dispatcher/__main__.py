@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from shared.config import ConfigError, load_config
-from shared.lifecycle import setup_logging
-from shared.singleton import AlreadyRunning
+from shared.config import load_config
+from shared.lifecycle import run_service, setup_logging
 from services.dispatcher.core import Options
 
 
@@ -31,23 +30,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging("dispatcher", args.verbose)
-    try:
-        config = load_config(args.config)
+
+    def build():
         from services.dispatcher.server import DispatcherServer
 
-        server = DispatcherServer(config, Options(args.dry_run, args.anime_id, args.exit_when_done,
-                                                    max(0, args.workers)))
-    except ConfigError as exc:
-        print(f"anime-dispatcher: {exc}", file=sys.stderr)
-        return 2
-    except (AlreadyRunning, FileNotFoundError) as exc:
-        print(f"anime-dispatcher: {exc}", file=sys.stderr)
-        return 3
-    try:
-        return server.run()
-    except ConfigError as exc:  # an endpoint refused at bind (e.g. non-loopback without CURVE)
-        print(f"anime-dispatcher: {exc}", file=sys.stderr)
-        return 2
+        options = Options(args.dry_run, args.anime_id, args.exit_when_done, max(0, args.workers))
+        return DispatcherServer(load_config(args.config), options)
+
+    return run_service("anime-dispatcher", build)
 
 
 if __name__ == "__main__":

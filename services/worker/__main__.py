@@ -7,8 +7,8 @@ import os
 import socket
 import sys
 
-from shared.config import ConfigError, load_config
-from shared.lifecycle import setup_logging
+from shared.config import load_config
+from shared.lifecycle import run_service, setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,18 +26,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"anime-worker: --worker-id {worker_id!r}: must not contain '/'", file=sys.stderr)
         return 2
     setup_logging(f"worker {worker_id}", args.verbose)
-    try:
+
+    def build():
         from services.worker.agent import Worker
 
-        worker = Worker(load_config(args.config), worker_id)
-    except ConfigError as exc:
-        print(f"anime-worker: {exc}", file=sys.stderr)
-        return 2
-    try:
-        return worker.run()
-    except ConfigError as exc:  # e.g. a non-loopback endpoint and no client CURVE keys
-        print(f"anime-worker: {exc}", file=sys.stderr)
-        return 2
+        return Worker(load_config(args.config), worker_id)
+
+    return run_service("anime-worker", build)
 
 
 if __name__ == "__main__":

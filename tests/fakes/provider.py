@@ -97,6 +97,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from services.worker.video import find_ffmpeg  # the worker's own search: PATH, then imageio-ffmpeg
+
 DEFAULT_DURATION = 4.0
 SEGMENT_SECONDS = 1
 SIZE = "320x240"
@@ -113,21 +115,6 @@ HTML_ERROR_PAGE = (
     b"<p>Please try again later or choose another source.</p><hr><address>nginx</address>\n"
     b"</body></html>\n"
 )
-
-
-def find_ffmpeg() -> str | None:
-    """ffmpeg on PATH, else the imageio-ffmpeg binary, else None."""
-    exe = shutil.which("ffmpeg")
-    if exe:
-        return exe
-    try:
-        import imageio_ffmpeg
-    except ImportError:
-        return None
-    try:
-        return imageio_ffmpeg.get_ffmpeg_exe()
-    except Exception:  # noqa: BLE001 - imageio raises RuntimeError when the binary is absent
-        return None
 
 
 class ProviderError(Exception):
