@@ -30,6 +30,7 @@ from services.worker.attempt import Attempt
 log = logging.getLogger(__name__)
 DISK_STALE_SECONDS = 5.0
 RESEND_SECONDS = 1.0
+RECONNECT_RETRY_SECONDS = 0.1  # asking for work while the dispatcher is not connected
 STOP_GRACE_SECONDS = 8.0  # well inside supervisord's stopwaitsecs
 # ani-cli ended by SIGTERM/SIGINT: as a signal (Popen's negative codes) or as the
 # shell's 128+N (ani-cli is a shell script; the simulation exits 143/130 too)
@@ -289,7 +290,8 @@ class Worker:
             if not self.stop.requested and self._disk_ok():
                 if not self.send(WorkerReady(worker_id=self.worker_id, session=self.session,
                                              seq=self.seq, host=self.host)):
-                    self.next_beat = time.monotonic()  # not connected yet: retry at the next poll
+                    # not connected yet: retry soon, but never spin while the dispatcher is away
+                    self.next_beat = time.monotonic() + RECONNECT_RETRY_SECONDS
             return
         if a.phase == "reporting" or self.pending is not None:
             return
