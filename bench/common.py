@@ -13,7 +13,6 @@ import os
 import shutil
 import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,8 +27,16 @@ from shared.models import CONTRACT_DDL  # noqa: E402  (stdlib + the contract DDL
 
 SIM_ANI_CLI = REPO / "tests" / "fakes" / "ani-cli"
 BIN = Path(sys.executable).parent  # the venv's bin dir: console scripts, supervisord, python3
-TITLE = "Bench Show"
-MAL_ID = 1
+EPISODES_PER_ANIME = 20  # jobs are spread over series of this length, as a real queue is
+
+
+def title_of(mal_id: int) -> str:
+    return f"Bench Show {mal_id:04d}"
+
+
+def spread(jobs: int, per_anime: int = EPISODES_PER_ANIME) -> list[tuple[int, int]]:
+    """(mal_id, episode) of ``jobs`` jobs: series 1, 2, ... of ``per_anime`` episodes each."""
+    return [(i // per_anime + 1, i % per_anime + 1) for i in range(jobs)]
 
 # Production-like timings; verify/remux off because the simulated files are not videos.
 BASE_CONFIG: dict[str, dict[str, Any]] = {
@@ -59,8 +66,8 @@ def _toml_value(value: Any) -> str:
 class Install:
     """config.toml, catalog.json, data/ and storage/ under /tmp/adb-XXXX."""
 
-    def __init__(self, overrides: dict[str, dict[str, Any]] | None = None, episodes: int = 100_000,
-                 size: int = 1024, duration: float = 0.0) -> None:
+    def __init__(self, overrides: dict[str, dict[str, Any]] | None = None, animes: int = 1,
+                 episodes: int = EPISODES_PER_ANIME, size: int = 1024, duration: float = 0.0) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="adb-", dir="/tmp"))
         tables = json.loads(json.dumps(BASE_CONFIG))
         for table, values in (overrides or {}).items():
@@ -75,7 +82,8 @@ class Install:
         self.catalog_path = self.root / "catalog.json"
         self.catalog_path.write_text(json.dumps({
             "defaults": {"size": size, "duration": duration},
-            "anime": [{"query": TITLE, "results": [{"title": TITLE, "episodes": episodes}]}]}))
+            "anime": [{"query": title_of(a), "results": [{"title": title_of(a), "episodes": episodes}]}
+                      for a in range(1, animes + 1)]}))
         self.data.mkdir()
         self.storage.mkdir()
 
@@ -132,10 +140,12 @@ def insert_jobs(db_path: Path, rows: Iterable[tuple], selections: Iterable[tuple
         conn.close()
 
 
-def insert_simple_queue(db_path: Path, jobs: int) -> None:
-    """``jobs`` queued episodes 1..jobs of one anime, with its selection (index 1)."""
-    insert_jobs(db_path, ((i, MAL_ID, TITLE, i, "queued", None, None) for i in range(1, jobs + 1)),
-                [(MAL_ID, 1, TITLE, "high")])
+def insert_simple_queue(db_path: Path, jobs: int, per_anime: int = EPISODES_PER_ANIME) -> None:
+    """``jobs`` queued episodes (``spread``), every series with its selection (index 1)."""
+    pairs = spread(jobs, per_anime)
+    insert_jobs(db_path, ((i, a, title_of(a), ep, "queued", None, None)
+                          for i, (a, ep) in enumerate(pairs, 1)),
+                [(a, 1, title_of(a), "high") for a in sorted({a for a, _ in pairs})])
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.01) -> Any:
@@ -197,9 +207,53 @@ def role(cmdline: list[str]) -> str | None:
     return None
 
 
-def python_cmd(*args: str) -> list[str]:
-    return [str(BIN / "python"), *args]
+class TreeSampler:
+    """Samples the CPU times of a process tree every ``interval`` s (in a thread), keeping
+    each process's last figures, so processes that exit before the end are still counted
+    (up to one interval's worth)."""
 
+    def __init__(self, root_pid: int, interval: float = 0.2) -> None:
+        import threading
 
-def run_quiet(argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, capture_output=True, text=True, **kwargs)
+        import psutil
+
+        self.psutil = psutil
+        self.root = psutil.Process(root_pid)
+        self.interval = interval
+        self.last: dict[int, tuple[str, float]] = {}
+        self.roles: dict[int, str] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> "TreeSampler":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def sample(self) -> None:
+        ps = self.psutil
+        try:
+            procs = [self.root, *self.root.children(recursive=True)]
+        except ps.Error:
+            return
+        for p in procs:
+            try:
+                if p.pid not in self.roles:
+                    self.roles[p.pid] = role(p.cmdline()) or p.name()
+                t = p.cpu_times()
+                self.last[p.pid] = (self.roles[p.pid], t.user + t.system)
+            except ps.Error:
+                continue
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def by_role(self) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        for name, cpu in self.last.values():
+            totals[name] = totals.get(name, 0.0) + cpu
+        return totals

@@ -11,7 +11,6 @@ files and adding one episode.  Goal: ``du time / routine time >= 10``.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import subprocess

@@ -43,7 +43,7 @@ def media_tools(path: str) -> bool:
     if shutil.which("yt-dlp", path=path) is None:
         return False
     try:
-        import imageio_ffmpeg  # noqa: F401
+        import imageio_ffmpeg  # noqa: F401  (only whether it is there)
     except ImportError:
         return shutil.which("ffmpeg", path=path) is not None
     return True

@@ -65,10 +65,12 @@ class DispatcherServer:
                     continue
                 if self.disk_sub in events:
                     self._drain(self.disk_sub, self._on_disk)
-                if self.router in events:
-                    self._drain(self.router, self._on_worker)
+                # Status first, and workers in batches: under a stream of worker messages a
+                # status request waited behind up to 1000 of them (p50 237 ms at 1,200 jobs/s).
                 if self.status in events:
                     self._drain(self.status, self._on_status)
+                if self.router in events:
+                    self._drain(self.router, self._on_worker, limit=100)
                 if time.monotonic() >= next_tick:
                     self._send(self.dispatcher.tick(time.time()))
                     # Nothing leased: lease deadlines need no watching, wake less often.
@@ -98,9 +100,10 @@ class DispatcherServer:
 
     # --- frames -------------------------------------------------------------
 
-    def _drain(self, sock: zmq.Socket, handler) -> None:
-        """Handle every frame waiting on ``sock``; one bad frame never stops the loop."""
-        for _ in range(1000):
+    def _drain(self, sock: zmq.Socket, handler, limit: int = 1000) -> None:
+        """Handle the frames waiting on ``sock`` (up to ``limit``); one bad frame never stops
+        the loop."""
+        for _ in range(limit):
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:

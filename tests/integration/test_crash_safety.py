@@ -178,7 +178,8 @@ def test_chaos_kill_9_anything_every_job_lands_exactly_once(make_system) -> None
 def test_scaling_numprocs_2_to_4_loses_nothing_and_counts_no_retry(make_system) -> None:
     system = make_system()
     rng = random.Random(5)
-    sizes = build_catalog(system, {201: 8}, rng, (1.0, 1.5))
+    # Downloads long enough to still be running when `update` restarts the workers.
+    sizes = build_catalog(system, {201: 8}, rng, (3.0, 4.0))
     start(system, 2)
     wait_for(lambda: system.stages().get("downloading", 0) == 2 and downloaded(system) >= 1, 30,
              "two downloads in flight after a first one landed")
