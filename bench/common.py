@@ -24,6 +24,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from shared.models import CONTRACT_DDL  # noqa: E402  (stdlib + the contract DDL only)
+from tests.system import render_toml  # noqa: E402  (one TOML writer for tests and benches)
 
 SIM_ANI_CLI = REPO / "tests" / "fakes" / "ani-cli"
 BIN = Path(sys.executable).parent  # the venv's bin dir: console scripts, supervisord, python3
@@ -51,18 +52,6 @@ BASE_CONFIG: dict[str, dict[str, Any]] = {
 }
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(value)
-
-
 class Install:
     """config.toml, catalog.json, data/ and storage/ under /tmp/adb-XXXX."""
 
@@ -72,13 +61,8 @@ class Install:
         tables = json.loads(json.dumps(BASE_CONFIG))
         for table, values in (overrides or {}).items():
             tables.setdefault(table, {}).update(values)
-        lines = []
-        for table, values in tables.items():
-            lines.append(f"[{table}]")
-            lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
-            lines.append("")
         self.config_path = self.root / "config.toml"
-        self.config_path.write_text("\n".join(lines))
+        self.config_path.write_text(render_toml(tables))
         self.catalog_path = self.root / "catalog.json"
         self.catalog_path.write_text(json.dumps({
             "defaults": {"size": size, "duration": duration},
