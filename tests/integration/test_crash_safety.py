@@ -282,7 +282,8 @@ def test_a_second_stop_signal_makes_the_worker_exit_at_once(make_system) -> None
     start(system, 1)
     wait_for(lambda: hanging(system, 100_000), 30, "ani-cli hanging half-way (SIGTERM ignored)")
     ani_cli = system.sim_runs("start")[0]["pid"]
-    worker = running(system, "worker:worker_01")
+    # supervisord calls it RUNNING only after startsecs; on a quiet machine ani-cli is faster
+    worker = wait_for(lambda: running(system, "worker:worker_01"), 10, "worker_01 RUNNING")
     os.kill(worker, signal.SIGTERM)
     wait_for(lambda: "stop requested: taking no more work" in system.log("worker_01"), 10,
              "the worker to take the first signal")
@@ -359,7 +360,8 @@ def test_ani_cli_orphaned_by_a_killed_worker_is_stopped_before_the_retry(make_sy
     orphan = system.sim_runs("start")[0]["pid"]
     catalog["anime"][0]["results"][0]["behaviour"] = {"size": 200_000, "duration": 1.0}
     system.write_catalog(catalog)
-    os.kill(running(system, "worker:worker_01"), signal.SIGKILL)
+    os.kill(wait_for(lambda: running(system, "worker:worker_01"), 10, "worker_01 RUNNING"),
+            signal.SIGKILL)
     wait_for(lambda: len(system.sim_runs("start")) >= 2, 30, "the retry to start")
     assert not pid_alive(orphan), "the killed worker's ani-cli still runs beside the retry"
     wait_for(lambda: system.stages() == {"downloaded": 1}, 30, f"the job done ({system.stages()})")

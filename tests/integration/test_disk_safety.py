@@ -137,6 +137,7 @@ def test_fills_to_pause_never_past_hard_limit_and_resumes_when_transcribed(make_
         c = counts(system)
         disk = status(system)["disk"]
         return (c.get("downloading", 0) == 0 and c.get("queued", 0) > 0 and disk["refusal"]
+                and disk["usage_bytes"] is not None  # no state yet at the very start
                 and disk["usage_bytes"] + 100_000 > 500 * KB and disk)
     disk = probe.wait(stopped, 30, "downloads to stop at the pause threshold with jobs still queued")
     assert disk["refusal"] in ("disk paused: usage reached pause_threshold_gb",
