@@ -163,9 +163,12 @@ def test_provider_serves_hls(provider: Provider, slug: str) -> None:
     assert _get(f"{provider.base_url}/{slug}/1/seg000.ts", {"Range": f"bytes={len(seg)}-"})[0] == 416
     assert _get(f"{provider.base_url}/{slug}/1/seg999.ts")[0] == 404
     assert _get(f"{provider.base_url}/{slug}/../etc/passwd")[0] == 404
-    entries = provider.log(slug=slug)
-    assert [e["status"] for e in entries] == [200, 200, 206, 416, 404]
-    assert entries[1]["bytes"] == len(seg) and entries[1]["segment"] == 0 and entries[1]["complete"]
+    # An entry is logged when its response ends, on the server's thread: the client may be
+    # done first, so wait for all five and take them in the order the server wrote them.
+    entries = provider.wait_for(count=5, slug=slug)
+    assert sorted(e["status"] for e in entries) == [200, 200, 206, 404, 416]
+    whole = [e for e in entries if e["status"] == 200 and e["segment"] == 0]
+    assert len(whole) == 1 and whole[0]["bytes"] == len(seg) and whole[0]["complete"]
     # the same entries are in the JSON-lines file
     assert [e for e in read_log_file(provider.access_log_path) if e.get("slug") == slug] == entries
 
@@ -189,7 +192,7 @@ def test_provider_behaviours(provider: Provider, slug: str) -> None:
         with urllib.request.urlopen(f"{base}/1/seg002.ts", timeout=30) as r:
             r.read()
     assert _get(f"{base}/1/seg002.ts")[0] == 200
-    dropped = provider.log(slug=slug, segment=2, behaviour="drop")
+    dropped = provider.wait_for(slug=slug, segment=2, behaviour="drop")
     assert len(dropped) == 1 and not dropped[0]["complete"] and 0 < dropped[0]["bytes"] < 40000
 
     provider.serve_bogus(slug, 3, "html")
