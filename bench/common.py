@@ -15,9 +15,8 @@ import sqlite3
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -130,17 +129,6 @@ def insert_simple_queue(db_path: Path, jobs: int, per_anime: int = EPISODES_PER_
     insert_jobs(db_path, ((i, a, title_of(a), ep, "queued", None, None)
                           for i, (a, ep) in enumerate(pairs, 1)),
                 [(a, 1, title_of(a), "high") for a in sorted({a for a, _ in pairs})])
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.01) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def percentile(values: list[float], p: float) -> float:

@@ -32,7 +32,8 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import BIN, Install, insert_simple_queue, machine, role, table, verdict, wait_for  # noqa: E402
+from common import BIN, Install, insert_simple_queue, machine, role, table, verdict  # noqa: E402
+from tests.system import wait_for  # noqa: E402
 
 WORKER_RSS_GOAL_MB = 25.0
 IDLE_CPU_GOAL_PERCENT = 0.5

@@ -58,6 +58,10 @@ def render_toml(tables: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+class WaitTimeout(AssertionError, TimeoutError):
+    """A bounded wait that ran out: a test failure, and a TimeoutError for code that expects one."""
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
     """Poll ``predicate`` until it returns something truthy; fail naming ``what``."""
     deadline = time.monotonic() + timeout
@@ -66,7 +70,7 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            raise WaitTimeout(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)  # sync-ok: polling interval of a bounded wait
 
 

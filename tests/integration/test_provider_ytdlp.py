@@ -40,6 +40,7 @@ except ModuleNotFoundError:  # pytest run without the repo root on sys.path
 from services.worker.video import NotAVideo, remux_to_mkv, verify_video
 from services.worker import video
 from tests.fakes.provider import Provider, ProviderClient, ProviderError, read_log_file, wait_for_port_file
+from tests.system import wait_for
 
 FFMPEG = video.find_ffmpeg()
 
@@ -70,17 +71,9 @@ def ani_cli_ffmpeg_args(ffmpeg: str, url: str, out: Path) -> list[str]:
 
 
 def wait_until(cond: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Bounded poll of something with no event to block on (a file another process writes)."""
-    deadline = time.monotonic() + timeout
-    delay = 0.005
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"waited {timeout}s for {what}")
-        time.sleep(delay)
-        delay = min(delay * 2, 0.1)
+    """Bounded poll of something with no event to block on (a file another process writes);
+    raises a TimeoutError when it runs out."""
+    return wait_for(cond, timeout, what, interval=0.01)
 
 
 # --------------------------------------------------------------------------- fixtures

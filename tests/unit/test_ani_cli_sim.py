@@ -9,11 +9,12 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import pytest
+
+from tests.system import wait_for as system_wait_for
 
 FAKES = Path(__file__).resolve().parents[1] / "fakes"
 SIM = FAKES / "ani-cli"
@@ -33,13 +34,7 @@ def red(message: str) -> str:
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 5.0) -> Any:
     """Poll ``predicate`` until it is truthy or ``timeout`` seconds pass."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.01)
-    raise AssertionError("condition not met within %.1f s" % timeout)
+    return system_wait_for(predicate, timeout, "the simulated ani-cli", interval=0.01)
 
 
 def alive(pid: int) -> bool:
