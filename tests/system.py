@@ -244,6 +244,11 @@ class System:
         path = self.data / "logs" / f"{program}.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
+    def wait_logged(self, program: str, text: str, timeout: float = 5.0) -> None:
+        """Wait for ``text`` in a program's log file: supervisord copies each line there a
+        moment after the program writes it (and after the program has exited)."""
+        wait_for(lambda: text in self.log(program), timeout, f"{program}.log to say {text!r}")
+
     def storage_files(self) -> list[Path]:
         if not self.storage.exists():
             return []

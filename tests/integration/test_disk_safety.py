@@ -240,8 +240,8 @@ def test_full_filesystem_requeues_without_failing(make_system):
         wait_for(lambda: counts(system).get("downloaded", 0) == 1, 20, "the retry to land")
         job = system.jobs()[0]
         assert job["retry_count"] == 0 and job["video_size_bytes"] == 200_000, job
-        assert "reason=no_space" in system.log("worker_01")
-        assert "requeued without counting a retry" in system.log("dispatcher")
+        system.wait_logged("worker_01", "reason=no_space")
+        system.wait_logged("dispatcher", "requeued without counting a retry")
     finally:
         system.stop()
         subprocess.run(["umount", "-l", str(system.storage)], check=False)
@@ -270,8 +270,7 @@ def test_disk_watcher_down_stops_new_downloads_until_it_is_back(make_system):
     before = claimed(system)  # the dispatcher's decisions (an ani-cli start lags its assignment)
     assert Probe(system).never(lambda: claimed(system) > before, 2.0), \
         "a job was handed out while the disk-watcher was down"
-    assert "disk state is stale: handing out nothing" in system.log("dispatcher")
-
+    system.wait_logged("dispatcher", "disk state is stale: handing out nothing")
     system.supervisorctl("start", "disk-watcher")
     wait_for(lambda: claimed(system) > before, 15, "downloads to resume with the disk-watcher back")
 
@@ -290,5 +289,5 @@ def test_min_free_above_the_filesystems_free_space_pauses(make_system):
     assert "min_free_gb" in disk["refusal"], disk
     assert disk["free_bytes"] < disk["min_free_bytes"]
     assert Probe(system).never(lambda: starts(system) > 0, 2.0), "a download started"
-    assert "min_free_gb" in system.log("dispatcher")
+    system.wait_logged("dispatcher", "min_free_gb")
     assert counts(system) == {"queued": 2}
