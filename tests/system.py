@@ -22,6 +22,8 @@ import xmlrpc.client
 from pathlib import Path
 from typing import Any, Callable
 
+import psutil
+
 REPO = Path(__file__).resolve().parent.parent
 SIM_ANI_CLI = REPO / "tests" / "fakes" / "ani-cli"
 BIN = Path(sys.executable).parent
@@ -212,7 +214,21 @@ class System:
 
     def cleanup(self) -> None:
         self.stop()
+        self.kill_leftovers()
         shutil.rmtree(self.root, ignore_errors=True)
+
+    def kill_leftovers(self) -> None:
+        """SIGKILL anything still running for this installation (a test that failed half-way
+        can leave, say, a hung ani-cli in its own session), so it cannot load later tests."""
+        root = str(self.root)
+        for proc in psutil.process_iter():
+            try:
+                if proc.pid == os.getpid():
+                    continue
+                if root in " ".join(proc.cmdline()) or any(root in v for v in proc.environ().values()):
+                    proc.kill()
+            except psutil.Error:
+                continue
 
     # --- observing ----------------------------------------------------------
 
