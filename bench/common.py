@@ -23,7 +23,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from shared.models import CONTRACT_DDL  # noqa: E402  (stdlib + the contract DDL only)
-from tests.system import render_toml  # noqa: E402  (one TOML writer for tests and benches)
+from tests.system import Layout, render_toml  # noqa: E402  (shared with the tests)
 
 SIM_ANI_CLI = REPO / "tests" / "fakes" / "ani-cli"
 BIN = Path(sys.executable).parent  # the venv's bin dir: console scripts, supervisord, python3
@@ -51,7 +51,7 @@ BASE_CONFIG: dict[str, dict[str, Any]] = {
 }
 
 
-class Install:
+class Install(Layout):
     """config.toml, catalog.json, data/ and storage/ under /tmp/adb-XXXX."""
 
     def __init__(self, overrides: dict[str, dict[str, Any]] | None = None, animes: int = 1,
@@ -70,27 +70,18 @@ class Install:
         self.data.mkdir()
         self.storage.mkdir()
 
-    @property
-    def data(self) -> Path:
-        return self.root / "data"
-
-    @property
-    def storage(self) -> Path:
-        return self.root / "storage"
-
-    @property
-    def db_path(self) -> Path:
-        return self.data / "jobs.db"
-
     def env(self) -> dict[str, str]:
         return bench_env(self.catalog_path)
 
-    def log(self, program: str) -> str:
-        path = self.data / "logs" / f"{program}.log"
-        return path.read_text(errors="replace") if path.exists() else ""
-
     def cleanup(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
+
+    def finish(self, ok: bool) -> None:
+        """Remove the installation after a met goal; keep it for inspection after a miss."""
+        if ok:
+            self.cleanup()
+        else:
+            print(f"(kept {self.root} for inspection)")
 
 
 def bench_env(catalog: Path) -> dict[str, str]:

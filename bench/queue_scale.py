@@ -274,10 +274,7 @@ def main() -> int:
             if p.poll() is None:
                 stop(p)
         ctx.destroy(0)
-        if ok:
-            inst.cleanup()
-        else:
-            print(f"(kept {inst.root} for inspection)")
+        inst.finish(ok)
     return 0 if ok else 1
 
 

@@ -200,10 +200,7 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        if ok:
-            inst.cleanup()
-        else:
-            print(f"(kept {inst.root} for inspection)")
+        inst.finish(ok)
     return 0 if ok else 1
 
 

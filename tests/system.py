@@ -76,7 +76,29 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
         time.sleep(interval)  # sync-ok: polling interval of a bounded wait
 
 
-class System:
+class Layout:
+    """Where an installation under ``root`` keeps things (tests' System, benches' Install)."""
+
+    root: Path
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def storage(self) -> Path:
+        return self.root / "storage"
+
+    @property
+    def db_path(self) -> Path:
+        return self.data / "jobs.db"
+
+    def log(self, program: str) -> str:
+        path = self.data / "logs" / f"{program}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+
+class System(Layout):
     def __init__(self, overrides: dict[str, dict[str, Any]] | None = None) -> None:
         # A short root: ipc:// paths must stay under 107 bytes.
         self.root = Path(tempfile.mkdtemp(prefix="ad-", dir="/tmp"))
@@ -92,19 +114,6 @@ class System:
         self._lines: dict[int, list[str]] = {}
         self.supervisord: subprocess.Popen | None = None
 
-    # --- paths --------------------------------------------------------------
-
-    @property
-    def data(self) -> Path:
-        return self.root / "data"
-
-    @property
-    def storage(self) -> Path:
-        return self.root / "storage"
-
-    @property
-    def db_path(self) -> Path:
-        return self.data / "jobs.db"
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -255,10 +264,6 @@ class System:
             return []
         lines = self.sim_log.read_text().splitlines()
         return [r for r in (json.loads(line) for line in lines if line.strip()) if r["event"] == event]
-
-    def log(self, program: str) -> str:
-        path = self.data / "logs" / f"{program}.log"
-        return path.read_text(errors="replace") if path.exists() else ""
 
     def wait_logged(self, program: str, text: str, timeout: float = 5.0) -> None:
         """Wait for ``text`` in a program's log file: supervisord copies each line there a
