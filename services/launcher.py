@@ -17,9 +17,11 @@ import json
 import re
 import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 import xmlrpc.client
 from pathlib import Path
 
@@ -29,6 +31,12 @@ from shared.lifecycle import StopRequest, config_or_exit
 REPO_DIR = Path(__file__).resolve().parent.parent
 TEMPLATE = REPO_DIR / "supervisord.conf"
 PROGRAMS = ("disk-watcher", "dispatcher", "worker")
+POKE_SECONDS = 0.05  # between requests to supervisord while something happens at once
+SUMMARY_POLL_SECONDS = 0.1  # --exit-when-done: how often to look for summary.json
+RESULT_POLL_SECONDS = 0.5  # how often to ask supervisord about the dispatcher
+START_WAIT_SECONDS = 10.0
+STOP_WAIT_SECONDS = 60.0  # beyond every program's stopwaitsecs
+LIVE_STATES = {"STARTING", "RUNNING", "BACKOFF", "STOPPING"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -145,11 +153,21 @@ class LogFollower(threading.Thread):
 
 
 class Launcher:
+    """Runs supervisord in the foreground and talks to it over its unix socket.
+
+    supervisord acts (starts its programs, reaps a child that exited, handles a
+    signal) only when its poll wakes: on a request, on output from a program, or
+    when the poll's 1 s timeout ends. A child's exit and a signal do not wake it
+    (Python retries the poll). Each step below that waits on supervisord wakes it
+    with a request, so start-up and shutdown take milliseconds, not seconds.
+    """
+
     def __init__(self, config: Config, args: argparse.Namespace) -> None:
         self.config = config
         self.args = args
         self.conf_path = config.run_dir / "supervisord.conf"
         self.socket_path = config.run_dir / "supervisor.sock"
+        self.summary_path = config.run_dir / "summary.json"
 
     def rpc(self) -> xmlrpc.client.ServerProxy:
         from supervisor.xmlrpc import SupervisorTransport
@@ -157,14 +175,30 @@ class Launcher:
         transport = SupervisorTransport(None, None, f"unix://{self.socket_path}")
         return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
 
+    def poke(self) -> bool:
+        """Wake supervisord's loop (a connection on its socket); False if nothing listens."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            try:
+                sock.connect(str(self.socket_path))
+                return True
+            except OSError:
+                return False
+
     def start(self) -> subprocess.Popen:
         self.config.log_dir.mkdir(parents=True, exist_ok=True)
         self.config.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.config.run_dir / "summary.json").unlink(missing_ok=True)
+        self.summary_path.unlink(missing_ok=True)
         self.conf_path.write_text(render(TEMPLATE.read_text(), self.config, self.args))
         return subprocess.Popen([sys.executable, "-m", "supervisor.supervisord", "-n",
                                  "-c", str(self.conf_path)], start_new_session=True,
                                 stdin=subprocess.DEVNULL)
+
+    def wake_when_listening(self, proc: subprocess.Popen) -> None:
+        """supervisord starts its programs on the first turn of its loop: wake it as soon as
+        it listens (else up to 1 s passes before anything starts)."""
+        deadline = time.monotonic() + START_WAIT_SECONDS
+        while proc.poll() is None and time.monotonic() < deadline and not self.poke():
+            time.sleep(POKE_SECONDS)
 
     def dispatcher_result(self) -> str | None:
         """"done" when the dispatcher exited 0 (exit-when-done), "fatal" if it cannot run."""
@@ -178,6 +212,30 @@ class Launcher:
             return "fatal"
         return None
 
+    def wait_result(self, proc: subprocess.Popen, stop: StopRequest) -> str | None:
+        """With --exit-when-done: "done" or "fatal" once the dispatcher says so; None on a
+        stop request or when supervisord ends. The dispatcher writes summary.json just
+        before it exits 0: seen within 0.1 s, then confirmed by supervisord."""
+        rpc_at = 0.0
+        while proc.poll() is None and not stop.requested:
+            summary = self.summary_path.exists()
+            if summary or time.monotonic() >= rpc_at:
+                rpc_at = time.monotonic() + RESULT_POLL_SECONDS
+                result = self.dispatcher_result()
+                if result is not None:
+                    return result
+            wait = POKE_SECONDS if summary else SUMMARY_POLL_SECONDS
+            if select.select([stop.wakeup_fd], [], [], wait)[0]:
+                stop.drain()
+        return None
+
+    def wait_stopped(self, proc: subprocess.Popen, stop: StopRequest) -> None:
+        """Without --exit-when-done: until supervisord ends or a stop is requested."""
+        while proc.poll() is None and not stop.requested:
+            # Not proc.wait(timeout=...): it polls every few ms (30 wake-ups/s while idle).
+            if select.select([stop.wakeup_fd], [], [], RESULT_POLL_SECONDS)[0]:
+                stop.drain()
+
     def run(self) -> int:
         follower = LogFollower(self.config.log_dir)
         stop = StopRequest()
@@ -185,15 +243,12 @@ class Launcher:
         follower.start()
         print(f"anime-downloader: supervisord started (config {self.conf_path}); Ctrl-C stops",
               file=sys.stderr)
+        self.wake_when_listening(proc)
         result = None
-        while proc.poll() is None and not stop.requested:
-            # Not proc.wait(timeout=...): it polls every few ms (30 wake-ups/s while idle).
-            if select.select([stop.wakeup_fd], [], [], 0.5)[0]:
-                stop.drain()
-            if self.args.exit_when_done and result is None:
-                result = self.dispatcher_result()
-                if result is not None:
-                    break
+        if self.args.exit_when_done:
+            result = self.wait_result(proc, stop)
+        else:
+            self.wait_stopped(proc, stop)
         if result == "done":
             self.stop_all()
         code = self.shutdown(proc)
@@ -205,23 +260,33 @@ class Launcher:
                   f"{self.config.log_dir / 'dispatcher.log'}", file=sys.stderr)
             return 1
         if result == "done":
-            summary = json.loads((self.config.run_dir / "summary.json").read_text())
+            summary = json.loads(self.summary_path.read_text())
             print("summary: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
             return 0
         return 0 if stop.requested else code
 
     def stop_all(self) -> None:
-        """Stop every program at once: on SIGTERM supervisord stops one priority group per
-        turn of its 1 s loop (2 s more after the workers are gone)."""
+        """Stop every program at once and wait until supervisord has seen them all exit.
+        (On SIGTERM supervisord stops one priority group per turn of its loop, and
+        stopAllProcesses(wait=True) answers on a turn of the loop too: a second each.)"""
         try:
-            self.rpc().supervisor.stopAllProcesses(True)
+            self.rpc().supervisor.stopAllProcesses(False)
         except (OSError, xmlrpc.client.Fault):
-            pass  # shutdown() below stops what is left
+            return  # shutdown() below stops what is left
+        deadline = time.monotonic() + STOP_WAIT_SECONDS
+        while time.monotonic() < deadline:
+            try:  # each request also wakes supervisord, which then reaps what exited
+                infos = self.rpc().supervisor.getAllProcessInfo()
+            except (OSError, xmlrpc.client.Fault):
+                return
+            if not any(i["statename"] in LIVE_STATES for i in infos):
+                return
+            time.sleep(POKE_SECONDS)
 
-    @staticmethod
-    def shutdown(proc: subprocess.Popen) -> int:
+    def shutdown(self, proc: subprocess.Popen) -> int:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)  # supervisord stops every program gracefully
+            self.poke()  # ... once its loop wakes
             try:
                 return proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
