@@ -147,8 +147,10 @@ class LogFollower(threading.Thread):
             fh.seek(offset)
             data = fh.read()
         complete = data.rfind(b"\n") + 1
-        for line in data[:complete].decode("utf-8", "replace").splitlines():
-            sys.stderr.write(f"{name:<14} | {line}\n")
+        if complete:  # one write for all of them (stderr may be unbuffered)
+            prefix = f"{name:<14} | "
+            lines = data[:complete].decode("utf-8", "replace").splitlines()
+            sys.stderr.write("".join(f"{prefix}{line}\n" for line in lines))
         return complete
 
 

@@ -59,7 +59,44 @@ class Message:
     KIND: ClassVar[str] = ""
 
 
+_TYPE_NAMES = {"int": int, "str": str, "float": float, "bool": bool, "dict": dict,
+               "list": list, "None": type(None)}
+
+
+def _allowed_types(annotation: str) -> tuple[type, ...]:
+    # Annotations are strings (from __future__ import annotations): "float | None".
+    return tuple(_TYPE_NAMES[part.strip()] for part in str(annotation).split("|"))
+
+
 _REGISTRY: dict[str, type[Message]] = {}
+
+
+@dataclass(frozen=True)
+class FieldRule:
+    """One field of a message, read once from its annotation (a string such as
+    "float | None"): the types it accepts and whether a message must carry it."""
+    name: str
+    types: tuple[type, ...]  # NoneType excluded
+    nullable: bool
+    required: bool
+
+    def check(self, kind: str, value: Any) -> None:
+        if value is None and self.nullable:
+            return
+        if isinstance(value, bool) and bool not in self.types:
+            raise ProtocolError(f"field {kind}.{self.name}: expected {self.spelled()}, got bool")
+        if float in self.types and isinstance(value, int):
+            return
+        if not isinstance(value, self.types):
+            raise ProtocolError(f"field {kind}.{self.name}: expected {self.spelled()}, "
+                                f"got {type(value).__name__}")
+
+    def spelled(self) -> str:
+        return " | ".join([t.__name__ for t in self.types] + (["None"] if self.nullable else []))
+
+
+_RULES: dict[type[Message], tuple[FieldRule, ...]] = {}
+_NAMES: dict[type[Message], tuple[str, ...]] = {}
 
 
 def message(kind: str):
@@ -71,9 +108,18 @@ def message(kind: str):
         if kind in _REGISTRY:
             raise RuntimeError(f"duplicate message kind {kind}")
         _REGISTRY[kind] = cls
+        _RULES[cls] = tuple(_rule(f) for f in dataclasses.fields(cls))
+        _NAMES[cls] = tuple(rule.name for rule in _RULES[cls])
         return cls
 
     return register
+
+
+def _rule(f: dataclasses.Field) -> FieldRule:
+    allowed = _allowed_types(f.type)
+    required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    return FieldRule(f.name, tuple(t for t in allowed if t is not type(None)),
+                     type(None) in allowed, required)
 
 
 # --- worker <-> dispatcher ---------------------------------------------------
@@ -223,30 +269,9 @@ def message_class(kind: str) -> type[Message]:
 
 
 def encode(msg: Message) -> list[bytes]:
-    body = dataclasses.asdict(msg)
+    body = {name: getattr(msg, name) for name in _NAMES[type(msg)]}  # not asdict: no deep copy
     body["v"] = VERSION
     return [msg.KIND.encode("ascii"), msgpack.packb(body, use_bin_type=True)]
-
-
-def _check_type(name: str, expected: Any, value: Any) -> None:
-    allowed = _allowed_types(expected)
-    if value is None and type(None) in allowed:
-        return
-    if isinstance(value, bool) and bool not in allowed:
-        raise ProtocolError(f"field {name}: expected {expected}, got bool")
-    if float in allowed and isinstance(value, int) and not isinstance(value, bool):
-        return
-    if not isinstance(value, tuple(t for t in allowed if t is not type(None))):
-        raise ProtocolError(f"field {name}: expected {expected}, got {type(value).__name__}")
-
-
-_TYPE_NAMES = {"int": int, "str": str, "float": float, "bool": bool, "dict": dict,
-               "list": list, "None": type(None)}
-
-
-def _allowed_types(annotation: str) -> tuple[type, ...]:
-    # Annotations are strings (from __future__ import annotations): "float | None".
-    return tuple(_TYPE_NAMES[part.strip()] for part in str(annotation).split("|"))
 
 
 def decode(frames: list[bytes]) -> Message:
@@ -276,11 +301,12 @@ def decode(frames: list[bytes]) -> Message:
 
 def _build(cls: type[Message], kind: str, body: dict) -> Message:
     values = {}
-    for f in dataclasses.fields(cls):
-        if f.name in body:
-            _check_type(f"{kind}.{f.name}", f.type, body[f.name])
-            values[f.name] = body[f.name]
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ProtocolError(f"{kind}: missing field {f.name}")
+    for rule in _RULES[cls]:
+        if rule.name in body:
+            value = body[rule.name]
+            rule.check(kind, value)
+            values[rule.name] = value
+        elif rule.required:
+            raise ProtocolError(f"{kind}: missing field {rule.name}")
     # Unknown extra fields are ignored: a newer peer may add optional fields.
     return cls(**values)

@@ -307,7 +307,11 @@ class Dispatcher:
         self.admission.record_size(job.anime_id, size)
         self.landed_recent.append((now, size))
         self._counts_dirty = True
-        self._request_measure("download landed", now)
+        if not self.leases:
+            # With downloads still running the disk-watcher re-measures every 0.2 s anyway
+            # (one request per landing cost a measurement and a publication to every
+            # subscriber, 25 a second at full speed); after the last one it would wait.
+            self._request_measure("download landed", now)
         log.info(kv("downloaded", job_id=job.id, anime_id=job.anime_id, episode=job.episode,
                     worker_id=owner_worker_id(lease.owner), size=size, path=video_path,
                     seconds=round(now - lease.started_at, 3)))

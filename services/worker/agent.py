@@ -66,6 +66,10 @@ class Worker:
         self.dealer = self.sockets.connect_dealer(zc.dispatcher, self.identity)
         self.sub = self.sockets.connect(zmq.SUB, zc.disk_state)
         self.sub.setsockopt(zmq.SUBSCRIBE, DiskStateMsg.KIND.encode())
+        self.poller = zmq.Poller()
+        for item in (self.dealer, self.sub, self.stop.wakeup_fd):
+            self.poller.register(item, zmq.POLLIN)
+        self.polled_pipes: list[int] = []
 
     def send(self, msg: Message) -> bool:
         try:
@@ -105,14 +109,8 @@ class Worker:
         return self.stop_deadline is not None and time.monotonic() > self.stop_deadline
 
     def _poll_once(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self.dealer, zmq.POLLIN)
-        poller.register(self.sub, zmq.POLLIN)
-        poller.register(self.stop.wakeup_fd, zmq.POLLIN)
-        fds = self.attempt.pipes() if self.attempt else []
-        for fd in fds:
-            poller.register(fd, zmq.POLLIN)
-        events = dict(poller.poll(self._poll_timeout_ms()))
+        fds = self._poll_pipes()
+        events = dict(self.poller.poll(self._poll_timeout_ms()))
         if self.stop.wakeup_fd in events:
             self.stop.drain()
             self._on_stop_signal()
@@ -123,6 +121,18 @@ class Worker:
         if self.dealer in events:
             self._drain(self.dealer, self._on_dispatcher)
         self._timers()
+
+    def _poll_pipes(self) -> list[int]:
+        """Keep the poller's set of the attempt's fds (ani-cli's pipes, then the post step's
+        wake-up) in step with the attempt; the sockets stay registered."""
+        fds = self.attempt.pipes() if self.attempt else []
+        if fds != self.polled_pipes:
+            for fd in self.polled_pipes:
+                self.poller.unregister(fd)
+            for fd in fds:
+                self.poller.register(fd, zmq.POLLIN)
+            self.polled_pipes = fds
+        return fds
 
     def _poll_timeout_ms(self) -> float:
         """250 ms while an attempt runs (its deadline, the kill grace, a child holding the
@@ -212,8 +222,8 @@ class Worker:
                                 attempt=job.attempt, reason=REASON_INTERRUPTED, error=why))
             return
         self.attempt = Attempt(job, self.config, worker_id=self.worker_id)
-        self.next_beat = 0.0
-        log.info(kv("job received", anime_title=job.anime_title, **self.ctx))
+        # The claim set the lease's deadline: the first heartbeat is due one period later.
+        self.next_beat = time.monotonic() + self.config.queue.heartbeat_seconds
         if job.dry_run:
             self._fail(REASON_DRY_RUN, "dry run", argv=self.attempt.argv())
             log.info(kv("dry run: would run", argv=self.attempt.argv(),
@@ -315,7 +325,7 @@ class Worker:
             self._after_post(a)
 
     def _after_ani_cli(self, a: Attempt, code: int) -> None:
-        log.info(kv("ani-cli exited", exit_code=code, **self.ctx))
+        log.debug(kv("ani-cli exited", exit_code=code, **self.ctx))
         tail = a.output_tail()
         if a.kill_reason == REASON_TIMEOUT:
             self._fail(REASON_TIMEOUT, f"ani-cli timed out after "

@@ -74,6 +74,7 @@ class Attempt:
     post_thread: threading.Thread | None = None
     post_wakeup: tuple[int, int] | None = None  # pipe: the thread writes a byte when done
     lock_fd: int | None = None
+    exit_fd: int | None = None  # pidfd of ani-cli: readable once it has exited
     worker_id: str = ""  # for the log lines
 
     @property
@@ -115,13 +116,16 @@ class Attempt:
     def spawn(self) -> None:
         d = self.config.downloader
         argv = self.argv()
-        if shutil.which(argv[0]) is None:
-            raise FileNotFoundError(f"ani-cli not found: {argv[0]!r} (set [downloader] command)")
         env = download.build_env(dict(os.environ), self.download_dir, self.private_dir / "hist",
                                  self.job.rate_limit_bps)
-        self.proc = download.start(argv, self.download_dir, env)
-        (self.private_dir / ORPHAN_RECORD).write_text(
-            f"{self.proc.pid} {_start_time(self.proc.pid)}\n")
+        try:
+            self.proc = download.start(argv, self.download_dir, env)
+        except FileNotFoundError as exc:
+            if exc.filename != argv[0]:
+                raise
+            raise FileNotFoundError(f"ani-cli not found: {argv[0]!r} (set [downloader] command)") from None
+        self.exit_fd = download.exit_fd(self.proc)
+        _write_small(self.private_dir / ORPHAN_RECORD, f"{self.proc.pid} {_start_time(self.proc.pid)}\n")
         self.deadline = time.monotonic() + d.timeout_seconds
         log.info(kv("ani-cli started", pid=self.proc.pid, argv=argv,
                     **self.context))
@@ -129,13 +133,17 @@ class Attempt:
     # --- while running ------------------------------------------------------
 
     def pipes(self) -> list[int]:
-        """The fds the worker's poller waits on: ani-cli's output, then the end of the post step
-        (without it the loop would see the staged file only at its next 250 ms poll timeout)."""
+        """The fds the worker's poller waits on: ani-cli's output and its exit (a pidfd), then
+        the end of the post step (without these the loop would see either only at its next
+        250 ms poll timeout)."""
         if self.phase == "verifying" and self.post_wakeup is not None:
             return [self.post_wakeup[0]]
         if self.proc is None:
             return []
-        return [p.fileno() for p in (self.proc.stdout, self.proc.stderr) if p and not p.closed]
+        fds = [p.fileno() for p in (self.proc.stdout, self.proc.stderr) if p and not p.closed]
+        if self.exit_fd is not None and self.proc.returncode is None:
+            fds.append(self.exit_fd)
+        return fds
 
     def read_pipes(self) -> None:
         if self.proc is None:
@@ -152,8 +160,8 @@ class Attempt:
                     pipe.close()
                     break
                 self.feed(name, chunk)
-        if all(p is None or p.closed for p in (self.proc.stdout, self.proc.stderr)):
-            try:  # both pipes at EOF: it is exiting; reap it now rather than at the next poll
+        if self.exit_fd is None and all(p is None or p.closed for p in (self.proc.stdout, self.proc.stderr)):
+            try:  # no pidfd; both pipes at EOF: it is exiting; reap it now, not at the next poll
                 self.proc.wait(timeout=0.5)
             except subprocess.TimeoutExpired:
                 pass
@@ -301,6 +309,9 @@ class Attempt:
         if self.lock_fd is not None:
             os.close(self.lock_fd)
             self.lock_fd = None
+        if self.exit_fd is not None:
+            os.close(self.exit_fd)
+            self.exit_fd = None
         if self.post_wakeup is not None and (self.post_thread is None or not self.post_thread.is_alive()):
             for fd in self.post_wakeup:
                 os.close(fd)
@@ -310,10 +321,25 @@ class Attempt:
 def _start_time(pid: int) -> str | None:
     """The process's start time (clock ticks since boot), to tell it from a reused pid."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
     except OSError:
         return None
-    return stat.rsplit(")", 1)[1].split()[19]
+    try:
+        stat = os.read(fd, 4096)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return stat.rsplit(b")", 1)[1].split()[19].decode()
+
+
+def _write_small(path: Path, text: str) -> None:
+    """Write a small file in one call (once per job: pathlib's text layer costs more)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
 
 
 def _kill_orphan(record: Path) -> None:

@@ -54,6 +54,15 @@ def start(argv: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen:
     return proc
 
 
+def exit_fd(proc: subprocess.Popen) -> int | None:
+    """A pidfd that becomes readable when ``proc`` exits (Linux 5.3+), so the worker's poll
+    wakes at the exit instead of polling for it; None where there is none."""
+    try:
+        return os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):
+        return None
+
+
 def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
     """Signal ani-cli's whole process group (yt-dlp, ffmpeg, anything it started)."""
     try:
