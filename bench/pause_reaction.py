@@ -30,7 +30,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import compile_project  # noqa: E402
 from services.status import NoAnswer, fetch_status  # noqa: E402
 from shared.config import GB, MB, load_config  # noqa: E402
 from shared.disk import DiskMonitor  # noqa: E402
@@ -151,6 +153,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
+    compile_project()
     pauses = [pause_round() for _ in range(args.rounds)]
     resumes = [resume_round() for _ in range(args.rounds)]
     show("(a) pause: crossing -> refusal", [p[0] for p in pauses])

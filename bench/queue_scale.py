@@ -33,7 +33,7 @@ import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (BIN, Install, insert_jobs, machine, median, percentile, table,  # noqa: E402
+from common import (compile_project, BIN, Install, insert_jobs, machine, median, percentile, table,  # noqa: E402
                     title_of, verdict)
 from shared.config import load_config  # noqa: E402
 from shared.protocol import (JobAck, JobAssign, JobCommit, JobFinished, JobLanded,  # noqa: E402
@@ -197,6 +197,7 @@ def main() -> int:
     ap.add_argument("--fake-workers", type=int, default=5)
     ap.add_argument("--restarts", type=int, default=3)
     args = ap.parse_args()
+    compile_project()
     print(f"machine: {machine()}")
     inst = Install(animes=1)
     ctx = zmq.Context()

@@ -32,7 +32,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import BIN, Install, insert_simple_queue, machine, role, table, verdict  # noqa: E402
+from common import compile_project, BIN, Install, insert_simple_queue, machine, role, table, verdict  # noqa: E402
 from tests.system import wait_for  # noqa: E402
 
 WORKER_RSS_GOAL_MB = 25.0
@@ -125,6 +125,7 @@ def main() -> int:
     ap.add_argument("--idle-seconds", type=float, default=60.0)
     ap.add_argument("--download-seconds", type=float, default=15.0)
     args = ap.parse_args()
+    compile_project()
     print(f"machine: {machine()}")
     forbidden, heavy = worker_imports()
     print(f"worker imports: forbidden modules loaded: {', '.join(forbidden) or 'none'} "

@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (BIN, EPISODES_PER_ANIME, SIM_ANI_CLI, Install, insert_simple_queue, machine,  # noqa: E402
+from common import (compile_project, BIN, EPISODES_PER_ANIME, SIM_ANI_CLI, Install, insert_simple_queue, machine,  # noqa: E402
                     TreeSampler, median, spread, table, title_of, verdict)
 from services.worker import download  # noqa: E402
 
@@ -121,6 +121,7 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=1, help="alternate baseline and system this often")
     args = ap.parse_args()
+    compile_project()
     print(f"machine: {machine()}; load average before: {os.getloadavg()[0]:.2f}")
     print(f"{args.jobs} jobs ({EPISODES_PER_ANIME} episodes per series), {args.workers} in "
           "parallel, simulated ani-cli writing 1 KiB, "
