@@ -6,7 +6,7 @@ N jobs, each a simulated ani-cli run that writes a 1 KiB file and exits at once:
 
 * system: the whole thing under supervisord, ``anime-downloader -c CONFIG -w 5
   --exit-when-done``, timed from the launch to the ``summary:`` line. Start-up
-  (launch to the first job assigned, from the dispatcher's log) and the tail
+  (launch to the first ani-cli started, from the workers' logs) and the tail
   (last download recorded to the summary: the done check and supervisord's stop)
   are reported apart, and the steady rate between them.
 * baseline: ``xargs -0 -P 5 -n 10 env ANI_CLI_...=... ani-cli -S 1 -e N -d TITLE``,
@@ -35,7 +35,8 @@ from common import (compile_project, BIN, EPISODES_PER_ANIME, SIM_ANI_CLI, Insta
 from services.worker import download  # noqa: E402
 
 GOAL = 0.9
-STAMP = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3})Z INFO dispatcher (assigned|downloaded) ")
+# "ani-cli started" (a worker's log) and "downloaded" (the dispatcher's)
+STAMP = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3})Z INFO (?:\S+ ){1,2}(ani-cli started|downloaded) ", re.M)
 
 
 def children_cpu() -> float:
@@ -71,14 +72,12 @@ def run_xargs(jobs: int, workers: int) -> dict:
 
 
 def _log_times(text: str) -> tuple[list[float], list[float]]:
-    assigned, landed = [], []
-    for line in text.splitlines():
-        m = STAMP.match(line)
-        if m:
-            t = datetime.strptime(m.group(1), "%Y-%m-%dT%H:%M:%S.%f").replace(
-                tzinfo=timezone.utc).timestamp()
-            (assigned if m.group(2) == "assigned" else landed).append(t)
-    return assigned, landed
+    started, landed = [], []
+    for m in STAMP.finditer(text):
+        t = datetime.strptime(m.group(1), "%Y-%m-%dT%H:%M:%S.%f").replace(
+            tzinfo=timezone.utc).timestamp()
+        (started if m.group(2) == "ani-cli started" else landed).append(t)
+    return started, landed
 
 
 def run_system(jobs: int, workers: int) -> dict:
@@ -103,8 +102,9 @@ def run_system(jobs: int, workers: int) -> dict:
         exit_seconds, cpu = time.perf_counter() - t0, children_cpu() - cpu0
         if code != 0 or summary is None or f"downloaded={jobs}," not in summary:
             raise RuntimeError(f"anime-downloader: exit {code}, {summary!r}; see {inst.root}")
-        assigned, landed = _log_times(inst.log("dispatcher"))
-        first, last = min(assigned) - wall0, max(landed) - wall0
+        logs = "".join(inst.log(p.stem) for p in (inst.data / "logs").glob("*.log"))
+        started, landed = _log_times(logs)
+        first, last = min(started) - wall0, max(landed) - wall0
         steady = last - first
     except BaseException:
         print(f"(kept {inst.root} for inspection)", file=sys.stderr)
@@ -152,7 +152,7 @@ def main() -> int:
     print(f"CPU-bound ratio (xargs CPU per job / system CPU per job, median): {cpu_ratio:.3f}, "
           f"goal >= {GOAL}: {verdict(cpu_ratio >= GOAL)} (what the ratio is on a quiet machine, "
           "where both sides saturate the cores)")
-    print("ratio = system jobs/s (launch to summary line) / xargs jobs/s; steady = first job assigned "
+    print("ratio = system jobs/s (launch to summary line) / xargs jobs/s; steady = first ani-cli started "
           "to last download recorded (start-up and tail excluded); tail = last download to the "
           "summary (done check, supervisord stopping the services); exit s = launch to the "
           "launcher's exit. CPU = user+sys of every process of the side (getrusage of reaped "

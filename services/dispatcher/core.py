@@ -514,7 +514,8 @@ class Dispatcher:
         self.leases[job.id] = Lease(job, identity, now + lease_seconds, now)
         self.admission.reserve(job.id, job.anime_id)
         self.workers[identity].state = "downloading"
-        log.info(kv("assigned", job_id=job.id, anime_id=job.anime_id, episode=job.episode,
+        # DEBUG: the worker logs the start ("ani-cli started"), this log keeps the outcomes
+        log.debug(kv("assigned", job_id=job.id, anime_id=job.anime_id, episode=job.episode,
                     worker_id=owner_worker_id(identity), attempt=job.attempt,
                     reserved=self.admission.reservations[job.id].bytes))
         return JobAssign(job_id=job.id, attempt=job.attempt, anime_id=job.anime_id,
