@@ -55,7 +55,7 @@ def run_xargs(jobs: int, workers: int) -> dict:
             private = inst.storage / ".in_progress" / f"job-{job_id}"
             argv = download.build_argv(str(SIM_ANI_CLI), 1, ep, (), title_of(anime))
             args += ["ANI_CLI_PLAYER=download", f"ANI_CLI_DOWNLOAD_DIR={private / 'dl'}",
-                     f"ANI_CLI_HIST_DIR={private / 'hist'}", *argv]
+                     f"ANI_CLI_HIST_DIR={private}", *argv]
         per_job = len(args) // jobs
         data = b"\0".join(a.encode() for a in args) + b"\0"
         cpu0, t0 = children_cpu(), time.perf_counter()

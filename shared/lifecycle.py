@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -17,6 +18,7 @@ import time
 from typing import Callable, Protocol
 
 DEBUG_ENV = "ANIME_DOWNLOADER_DEBUG"
+_NEEDS_QUOTES = re.compile(r"[\s\"'=]")
 
 
 def kv(message: str, **context: object) -> str:
@@ -30,7 +32,7 @@ def kv(message: str, **context: object) -> str:
             parts.append(f"{key}={json.dumps(list(value), ensure_ascii=False)}")
             continue
         text = str(value)
-        if not text or any(c.isspace() or c in "\"'=" for c in text):
+        if not text or _NEEDS_QUOTES.search(text):
             text = repr(text)
         parts.append(f"{key}={text}")
     return " ".join(parts)
