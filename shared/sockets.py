@@ -22,6 +22,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 import zmq
 
@@ -203,6 +204,19 @@ class _HandshakeWatch(threading.Thread):
             error = os.strerror(value) if value > 0 else str(value)
             reason = f"handshake failed ({error}): not a CURVE client, or it hung up"
         self.refusals.refused(self.key, reason, "unknown" if self.server else None)
+
+
+def waiting(sock: zmq.Socket, limit: int = 1000) -> Iterator[list[bytes]]:
+    """The messages waiting on ``sock`` (at most ``limit``), without blocking. ZMQ_EVENTS
+    is asked before each read: ending every batch on zmq.Again costs an exception (and
+    its error object) per wake-up."""
+    for _ in range(limit):
+        if not sock.get(zmq.EVENTS) & zmq.POLLIN:
+            return
+        try:
+            yield sock.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return
 
 
 class Sockets:

@@ -25,7 +25,7 @@ from shared.disk import DiskMonitor, DiskState, DiskUsage, Thresholds, next_stat
 from shared.lifecycle import StopRequest, kv
 from shared.protocol import DiskMeasure, DiskStateMsg, ProtocolError, decode, encode
 from shared.singleton import hold_lock
-from shared.sockets import Sockets
+from shared.sockets import Sockets, waiting
 
 log = logging.getLogger(__name__)
 PUBLISH_SECONDS = 1.0
@@ -128,21 +128,13 @@ class DiskWatcherServer:
     def _subscriptions(self) -> bool:
         """A new subscriber gets the current state at once."""
         joined = False
-        while True:
-            try:
-                frame = self.pub.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            joined |= frame[:1] == b"\x01"
+        for frames in waiting(self.pub):
+            joined |= frames[0][:1] == b"\x01"
         return joined
 
     def _requests(self) -> bool:
         requested = False
-        while True:
-            try:
-                frames = self.control.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                break
+        for frames in waiting(self.control):
             try:
                 msg = decode(frames)
                 if not isinstance(msg, DiskMeasure):

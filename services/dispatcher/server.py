@@ -13,7 +13,7 @@ from shared.lifecycle import StopRequest, kv
 from shared.protocol import (DiskStateMsg, Message, ProtocolError, StatusReply, StatusRequest,
                              decode, encode)
 from shared.singleton import hold_lock
-from shared.sockets import Sockets
+from shared.sockets import Sockets, waiting
 from services.dispatcher.core import Dispatcher, Options
 from services.dispatcher.store import DryRunStore, SqlJobStore
 
@@ -103,11 +103,7 @@ class DispatcherServer:
     def _drain(self, sock: zmq.Socket, handler, limit: int = 1000) -> None:
         """Handle the frames waiting on ``sock`` (up to ``limit``); one bad frame never stops
         the loop."""
-        for _ in range(limit):
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
+        for frames in waiting(sock, limit):
             try:
                 handler(frames)
             except ProtocolError as exc:

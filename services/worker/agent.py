@@ -23,7 +23,7 @@ from shared.protocol import (REASON_DRY_RUN, REASON_ERROR, REASON_HARD_LIMIT, RE
                              JobCancel, JobCommit, JobFailed, JobFinished, JobHeartbeat,
                              JobLanded, Message, ProtocolError, WorkerBye, WorkerReady, decode,
                              encode)
-from shared.sockets import Sockets
+from shared.sockets import Sockets, waiting
 from services.worker import download
 from services.worker.attempt import Attempt
 
@@ -143,11 +143,7 @@ class Worker:
         return max(0.0, min(self.next_beat - time.monotonic(), 5.0)) * 1000
 
     def _drain(self, sock: zmq.Socket, handler) -> None:
-        for _ in range(100):
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
+        for frames in waiting(sock, 100):
             try:
                 handler(decode(frames))
             except ProtocolError as exc:
