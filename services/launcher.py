@@ -33,7 +33,9 @@ TEMPLATE = REPO_DIR / "supervisord.conf"
 PROGRAMS = ("disk-watcher", "dispatcher", "worker")
 POKE_SECONDS = 0.05  # between requests to supervisord while something happens at once
 SUMMARY_POLL_SECONDS = 0.1  # --exit-when-done: how often to look for summary.json
-RESULT_POLL_SECONDS = 0.5  # how often to ask supervisord about the dispatcher
+RESULT_POLL_SECONDS = 2.0  # how often to ask supervisord whether the dispatcher failed
+SUPERVISORD_POLL_SECONDS = 0.5  # how often to look whether supervisord still runs
+FOLLOW_SECONDS = 0.5  # how often to relay new log lines while they come (1 s when quiet)
 START_WAIT_SECONDS = 10.0
 STOP_WAIT_SECONDS = 60.0  # beyond every program's stopwaitsecs
 LIVE_STATES = {"STARTING", "RUNNING", "BACKOFF", "STOPPING"}
@@ -116,12 +118,12 @@ class LogFollower(threading.Thread):
         self.stopped = threading.Event()
 
     def run(self) -> None:
-        interval = 0.2
+        interval = FOLLOW_SECONDS
         while not self.stopped.wait(interval):
             before = dict(self.offsets)
             self.poll()
             # Quiet logs: back off to 1 s, so an idle system wakes the launcher less often.
-            interval = 0.2 if self.offsets != before else min(1.0, interval * 2)
+            interval = FOLLOW_SECONDS if self.offsets != before else min(1.0, interval * 2)
 
     def poll(self) -> None:
         for path in sorted(self.log_dir.glob("*.log")):
@@ -235,7 +237,7 @@ class Launcher:
         """Without --exit-when-done: until supervisord ends or a stop is requested."""
         while proc.poll() is None and not stop.requested:
             # Not proc.wait(timeout=...): it polls every few ms (30 wake-ups/s while idle).
-            if select.select([stop.wakeup_fd], [], [], RESULT_POLL_SECONDS)[0]:
+            if select.select([stop.wakeup_fd], [], [], SUPERVISORD_POLL_SECONDS)[0]:
                 stop.drain()
 
     def run(self) -> int:
