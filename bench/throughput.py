@@ -119,7 +119,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--jobs", type=int, default=2000)
     ap.add_argument("--workers", type=int, default=5)
-    ap.add_argument("--rounds", type=int, default=1, help="alternate baseline and system this often")
+    ap.add_argument("--rounds", type=int, default=1, help="pairs of runs, in the order xargs-system, system-xargs, ... (default: %(default)s)")
     args = ap.parse_args()
     compile_project()
     print(f"machine: {machine()}; load average before: {os.getloadavg()[0]:.2f}")
@@ -128,8 +128,15 @@ def main() -> int:
           f"{args.rounds} round(s)\n")
     rows, ratios, cpu_ratios, split = [], [], [], []
     for n in range(args.rounds):
-        base = run_xargs(args.jobs, args.workers)
-        sysr = run_system(args.jobs, args.workers)
+        # Odd rounds run the system first (xargs, system, system, xargs, ...): this host's
+        # speed drifts by tens of percent over minutes, and a fixed order would charge a
+        # drift to one side.
+        if n % 2 == 0:
+            base = run_xargs(args.jobs, args.workers)
+            sysr = run_system(args.jobs, args.workers)
+        else:
+            sysr = run_system(args.jobs, args.workers)
+            base = run_xargs(args.jobs, args.workers)
         ratio = sysr["rate"] / base["rate"]
         ratios.append(ratio)
         cpu_ratios.append(base["cpu_ms"] / sysr["cpu_ms"])
