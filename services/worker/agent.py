@@ -138,7 +138,9 @@ class Worker:
         """250 ms while an attempt runs (its deadline, the kill grace, a child holding the
         pipes); idle, sleep until the next heartbeat: an idle worker wakes about once a
         second (the disk state), not four times."""
-        if self.attempt is not None or self.pending is not None:
+        if self.attempt is not None:
+            return min(250, self.attempt.seconds_to_read() * 1000 + 1)
+        if self.pending is not None:
             return 250
         return max(0.0, min(self.next_beat - time.monotonic(), 5.0)) * 1000
 

@@ -36,6 +36,11 @@ from services.worker import download
 from services.worker.progress import OutputTail, Progress, ProgressParser
 
 log = logging.getLogger(__name__)
+# With a pidfd for its exit, ani-cli's output is read at most this often: every write
+# of a progress line woke the worker at once (and a woken worker preempts the writer on
+# a busy machine). 64 KiB of pipe buffer holds far more than a tenth of a second of it.
+OUTPUT_READ_SECONDS = 0.1
+BIG_READ = 32 * 1024  # a read this large: read again at once, the writer is chatty
 LOCK_FILE = ".lock"  # flock of the attempt; holds "<pgid> <start time>" of its ani-cli
 
 _warned_no_ffmpeg = False
@@ -77,6 +82,7 @@ class Attempt:
     post_wakeup: tuple[int, int] | None = None  # pipe: the thread writes a byte when done
     lock_fd: int | None = None
     exit_fd: int | None = None  # pidfd of ani-cli: readable once it has exited
+    read_due: float = 0.0  # monotonic time from which ani-cli's output is polled again
     worker_id: str = ""  # for the log lines
 
     @cached_property
@@ -145,14 +151,25 @@ class Attempt:
             return [self.post_wakeup[0]]
         if self.proc is None:
             return []
-        fds = [p.fileno() for p in (self.proc.stdout, self.proc.stderr) if p and not p.closed]
+        fds = []
+        if self.exit_fd is None or time.monotonic() >= self.read_due:
+            fds = [p.fileno() for p in (self.proc.stdout, self.proc.stderr) if p and not p.closed]
         if self.exit_fd is not None and self.proc.returncode is None:
             fds.append(self.exit_fd)
         return fds
 
+    def seconds_to_read(self) -> float:
+        """How long the worker's poll may sleep before ani-cli's output is due (infinite
+        while its pipes are polled: then a write wakes the poll)."""
+        left = self.read_due - time.monotonic()
+        if self.exit_fd is None or self.phase != "downloading" or left <= 0:
+            return float("inf")
+        return left
+
     def read_pipes(self) -> None:
         if self.proc is None:
             return
+        got = 0
         for name, pipe in (("stdout", self.proc.stdout), ("stderr", self.proc.stderr)):
             if pipe is None or pipe.closed:
                 continue
@@ -164,7 +181,9 @@ class Attempt:
                 if not chunk:
                     pipe.close()
                     break
+                got += len(chunk)
                 self.feed(name, chunk)
+        self.read_due = time.monotonic() + (0.0 if got >= BIG_READ else OUTPUT_READ_SECONDS)
         if self.exit_fd is None and all(p is None or p.closed for p in (self.proc.stdout, self.proc.stderr)):
             try:  # no pidfd; both pipes at EOF: it is exiting; reap it now, not at the next poll
                 self.proc.wait(timeout=0.5)
