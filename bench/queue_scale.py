@@ -22,7 +22,6 @@ limit of these machines (about 600 short commands/s with 5 in parallel).
 from __future__ import annotations
 
 import argparse
-import signal
 import subprocess
 import sys
 import threading
@@ -33,7 +32,7 @@ import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (compile_project, BIN, Install, insert_jobs, machine, median, percentile, table,  # noqa: E402
+from common import (compile_project, stop, BIN, Install, insert_jobs, machine, median, percentile, table,  # noqa: E402
                     title_of, verdict)
 from shared.config import load_config  # noqa: E402
 from shared.protocol import (JobAck, JobAssign, JobCommit, JobFinished, JobLanded,  # noqa: E402
@@ -98,15 +97,6 @@ def start_dispatcher(inst: Install, ctx: zmq.Context, endpoint: str) -> tuple[su
         return proc, time.perf_counter() - t0
     finally:
         client.close()
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def status_latencies(ctx: zmq.Context, endpoint: str, n: int, pause: float = 0.0,

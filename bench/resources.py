@@ -21,7 +21,6 @@ Goals: a worker under 25 MB resident; idle CPU of the whole system under 0.5 % o
 from __future__ import annotations
 
 import argparse
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -32,7 +31,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import compile_project, BIN, Install, insert_simple_queue, machine, role, table, verdict  # noqa: E402
+from common import compile_project, stop, BIN, Install, insert_simple_queue, machine, role, table, verdict  # noqa: E402
 from tests.system import wait_for  # noqa: E402
 
 WORKER_RSS_GOAL_MB = 25.0
@@ -194,13 +193,7 @@ def main() -> int:
         if len(after) != len(procs):
             print("a process exited during the idle period: see", inst.root / "data" / "logs")
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop(proc, timeout=60)
         inst.finish(ok)
     return 0 if ok else 1
 

@@ -21,6 +21,7 @@ import logging
 import os
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -282,7 +283,7 @@ class Sockets:
         """Bind a server socket; a non-loopback endpoint only with CURVE (refused without)."""
         sock = self.context.socket(kind)
         _limits(sock)
-        try:
+        with self._closed_on_error(sock, key, "bind", endpoint):
             if not is_local_endpoint(endpoint):
                 if not (self.curve.server_enabled and self.curve.authorized_keys_dir):
                     raise ConfigError(
@@ -303,12 +304,6 @@ class Sockets:
                 self._watch(sock, key, server=True)
             _prepare_ipc(endpoint, self.config.run_dir)
             sock.bind(endpoint)
-        except ConfigError:
-            sock.close(linger=0)
-            raise
-        except zmq.ZMQError as exc:
-            sock.close(linger=0)
-            raise ConfigError(f"{self.config.path}: [zmq] {key}: cannot bind {endpoint}: {exc}") from None
         log.debug("bound endpoint=%s key=%s", endpoint, key)
         return sock
 
@@ -346,7 +341,7 @@ class Sockets:
         sock = self.context.socket(kind)
         _limits(sock, client=True)
         key = self._endpoint_key(endpoint)
-        try:
+        with self._closed_on_error(sock, key, "connect to", endpoint):
             if identity is not None:
                 sock.setsockopt(zmq.ROUTING_ID, identity)
             if immediate:
@@ -359,14 +354,22 @@ class Sockets:
                 sock.curve_serverkey = server_public
                 self._watch(sock, key, server=False)
             sock.connect(endpoint)
+        return sock
+
+    @contextmanager
+    def _closed_on_error(self, sock: zmq.Socket, key: str, action: str,
+                         endpoint: str) -> Iterator[None]:
+        """Close ``sock`` if setting it up fails; a ZeroMQ error becomes a ConfigError
+        naming the config key and the endpoint."""
+        try:
+            yield
         except ConfigError:
             sock.close(linger=0)
             raise
         except zmq.ZMQError as exc:
             sock.close(linger=0)
-            raise ConfigError(f"{self.config.path}: [zmq] {key}: cannot connect to {endpoint}: "
+            raise ConfigError(f"{self.config.path}: [zmq] {key}: cannot {action} {endpoint}: "
                               f"{exc}") from None
-        return sock
 
     def close(self) -> None:
         for watch in self._watches:

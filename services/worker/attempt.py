@@ -8,9 +8,10 @@ The worker's loop drives an ``Attempt`` through its phases::
 Files: ``<storage>/.in_progress/job-<id>/dl/`` is ani-cli's download directory
 (kept across retries so a resuming downloader resumes), ``job-<id>/`` itself
 ani-cli's private history directory, ``.lock`` the attempt's lock (holding the
-process group of its ani-cli, for a worker that was killed), ``ready-a<attempt>.<ext>``
-the verified file waiting for the dispatcher's go-ahead. Only after ``JobCommit`` is it hard-linked to its final
-name (never replacing an existing episode) and the private directory removed.
+process group of its ani-cli, for a worker that was killed), and
+``ready-a<attempt>.<ext>`` the verified file waiting for the dispatcher's
+go-ahead. Only after ``JobCommit`` is it hard-linked to its final name (never
+replacing an existing episode) and the private directory removed.
 """
 
 from __future__ import annotations
@@ -416,8 +417,9 @@ def _warn_no_ffmpeg() -> None:
 
 
 def remove_private_dir(path: Path) -> None:
-    """Remove a job's private directory. After a landing it holds two files and two empty
-    directories: remove those directly (a few syscalls, once per job), the rest with rmtree."""
+    """Remove a job's private directory. After a landing it holds the lock file, ani-cli's
+    history and the empty ``dl/``: remove those directly (a few syscalls, once per job),
+    anything deeper with rmtree."""
     try:
         with os.scandir(path) as entries:
             for entry in entries:
