@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -45,9 +46,19 @@ def fetch_status(sockets: Sockets, endpoint: str, timeout: float) -> dict:
         sock.close(linger=0)
 
 
+def _help_formatter(prog: str) -> argparse.HelpFormatter:
+    """argparse's default formatter imports shutil only to read the terminal width: 4 ms
+    of a probe that should answer in well under 100 ms. Same width, read directly."""
+    try:
+        width = int(os.environ.get("COLUMNS", "0")) or os.get_terminal_size(sys.__stdout__.fileno()).columns
+    except (ValueError, OSError, AttributeError):
+        width = 80
+    return argparse.HelpFormatter(prog, width=max(width - 2, 20))
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="anime-status",
+        prog="anime-status", formatter_class=_help_formatter,
         description="Show the queue, the workers' progress and the disk of a running "
                     "anime-downloader. Exits 1 if nothing answers (usable as a health check).")
     parser.add_argument("-c", "--config", default="config.toml", help="config file (default: %(default)s)")

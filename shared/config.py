@@ -1,4 +1,4 @@
-"""Load and validate config.toml into frozen dataclasses.
+"""Load and validate config.toml into frozen records (shared/record.py).
 
 Every check names the file and the key, so a user sees one line such as
 ``config.toml: [disk_management] pause_threshold_gb: must be below hard_limit_gb (300)``.
@@ -10,9 +10,10 @@ GB means 10**9 bytes, MB 10**6.
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+
+from shared.record import Factory, Record
 
 GB = 10**9
 MB = 10**6
@@ -23,8 +24,7 @@ class ConfigError(Exception):
     """A config file that cannot be used; the message is the whole user-facing line."""
 
 
-@dataclass(frozen=True)
-class CurveConfig:
+class CurveConfig(Record):
     """ZeroMQ CURVE keys; required for any endpoint reachable from another host."""
 
     server_secret_key: Path | None = None  # dispatcher / disk-watcher side (.key_secret)
@@ -41,17 +41,15 @@ class CurveConfig:
         return self.client_secret_key is not None
 
 
-@dataclass(frozen=True)
-class ZmqConfig:
+class ZmqConfig(Record):
     dispatcher: str  # ROUTER, bound by the dispatcher; workers connect
     status: str  # ROUTER, bound by the dispatcher; anime-status connects
     disk_state: str  # XPUB, bound by the disk-watcher
     disk_control: str  # PULL, bound by the disk-watcher (re-measure requests)
-    curve: CurveConfig = field(default_factory=CurveConfig)
+    curve: CurveConfig = Factory(CurveConfig)
 
 
-@dataclass(frozen=True)
-class DiskConfig:
+class DiskConfig(Record):
     hard_limit_gb: float
     pause_threshold_gb: float
     resume_threshold_gb: float
@@ -84,8 +82,7 @@ class DiskConfig:
         return int(self.expected_episode_size_mb * MB)
 
 
-@dataclass(frozen=True)
-class DownloaderConfig:
+class DownloaderConfig(Record):
     command: str = "ani-cli"
     extra_args: tuple[str, ...] = ()
     timeout_seconds: float = 3600.0
@@ -96,14 +93,12 @@ class DownloaderConfig:
     verify: bool = True  # check with ffprobe/ffmpeg that the file is a playable video
 
 
-@dataclass(frozen=True)
-class QueueConfig:
+class QueueConfig(Record):
     lease_seconds: float = 30.0  # a worker silent this long loses its job
     heartbeat_seconds: float = 2.0  # how often workers report progress
 
 
-@dataclass(frozen=True)
-class Config:
+class Config(Record):
     path: Path
     root_dir: Path
     storage_dir: Path

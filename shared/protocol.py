@@ -26,11 +26,11 @@ dispatcher restart loses nothing; the dispatcher treats repeats idempotently.
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import msgpack
+
+from shared.record import Factory, Record
 
 VERSION = 1
 MAX_MESSAGE_BYTES = 256 * 1024  # also ZMQ_MAXMSGSIZE (+1 KiB) on every bound socket
@@ -52,8 +52,7 @@ class ProtocolError(ValueError):
     """A frame that is not a valid message of this protocol."""
 
 
-@dataclass(frozen=True)
-class Message:
+class Message(Record):
     """Base of all messages; subclasses declare KIND and typed fields."""
 
     KIND: ClassVar[str] = ""
@@ -71,14 +70,18 @@ def _allowed_types(annotation: str) -> tuple[type, ...]:
 _REGISTRY: dict[str, type[Message]] = {}
 
 
-@dataclass(frozen=True)
 class FieldRule:
     """One field of a message, read once from its annotation (a string such as
     "float | None"): the types it accepts and whether a message must carry it."""
-    name: str
-    types: tuple[type, ...]  # NoneType excluded
-    nullable: bool
-    required: bool
+
+    __slots__ = ("name", "types", "nullable", "required")
+
+    def __init__(self, name: str, annotation: str, required: bool) -> None:
+        allowed = _allowed_types(annotation)
+        self.name = name
+        self.types = tuple(t for t in allowed if t is not type(None))
+        self.nullable = type(None) in allowed
+        self.required = required
 
     def check(self, kind: str, value: Any) -> None:
         if value is None and self.nullable:
@@ -96,30 +99,21 @@ class FieldRule:
 
 
 _RULES: dict[type[Message], tuple[FieldRule, ...]] = {}
-_NAMES: dict[type[Message], tuple[str, ...]] = {}
 
 
 def message(kind: str):
-    """Class decorator: register a frozen dataclass as the message ``kind``."""
+    """Class decorator: register a Message subclass as the message ``kind``."""
 
-    def register(cls: type) -> type:
-        cls = dataclass(frozen=True)(cls)
+    def register(cls: type[Message]) -> type[Message]:
         cls.KIND = kind
         if kind in _REGISTRY:
             raise RuntimeError(f"duplicate message kind {kind}")
         _REGISTRY[kind] = cls
-        _RULES[cls] = tuple(_rule(f) for f in dataclasses.fields(cls))
-        _NAMES[cls] = tuple(rule.name for rule in _RULES[cls])
+        _RULES[cls] = tuple(FieldRule(name, annotation, name not in cls._field_defaults)
+                            for name, annotation in cls._field_types.items())
         return cls
 
     return register
-
-
-def _rule(f: dataclasses.Field) -> FieldRule:
-    allowed = _allowed_types(f.type)
-    required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    return FieldRule(f.name, tuple(t for t in allowed if t is not type(None)),
-                     type(None) in allowed, required)
 
 
 # --- worker <-> dispatcher ---------------------------------------------------
@@ -207,7 +201,7 @@ class JobFailed(Message):
     attempt: int
     reason: str
     error: str
-    argv: list = field(default_factory=list)  # dry run: the command it would have run
+    argv: list = Factory(list)  # dry run: the command it would have run
 
 
 @message("job.ack")
@@ -269,7 +263,7 @@ def message_class(kind: str) -> type[Message]:
 
 
 def encode(msg: Message) -> list[bytes]:
-    body = {name: getattr(msg, name) for name in _NAMES[type(msg)]}  # not asdict: no deep copy
+    body = msg.as_dict()
     body["v"] = VERSION
     return [msg.KIND.encode("ascii"), msgpack.packb(body, use_bin_type=True)]
 
