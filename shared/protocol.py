@@ -234,6 +234,14 @@ class DiskStateMsg(Message):
     published_at: float
 
 
+@message("disk.usage")
+class DiskUsageMsg(DiskStateMsg):
+    """The same fields, published at the re-measures between two ``disk.state``
+    publications (up to five a second while downloads run) for the dispatcher's
+    admission. Workers subscribe to ``disk.state`` alone (on every change of state,
+    and every second): they act on the state, not on every byte."""
+
+
 @message("disk.measure")
 class DiskMeasure(Message):
     """Ask the disk-watcher to re-measure now (a download landed, or the

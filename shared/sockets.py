@@ -34,6 +34,8 @@ from shared.protocol import MAX_MESSAGE_BYTES
 log = logging.getLogger(__name__)
 REFUSAL_REPEAT_SECONDS = 60.0
 Z85_KEY_LENGTH = 40
+RECONNECT_FIRST_MS = 10  # a refused connect is retried after this (plus jitter), doubling
+RECONNECT_MAX_MS = 2000  # ... up to this while the peer stays away
 
 
 def is_local_endpoint(endpoint: str) -> bool:
@@ -340,6 +342,12 @@ class Sockets:
                 immediate: bool = False) -> zmq.Socket:
         sock = self.context.socket(kind)
         _limits(sock, client=True)
+        # Workers start faster than the dispatcher (no database layer to import), so their
+        # first connect is usually refused; libzmq retries after RECONNECT_IVL plus up to
+        # as much again of jitter: the default 100 ms cost every start 100-200 ms. Retry
+        # after 10 ms, doubling up to 2 s while the peer stays away (reset once connected).
+        sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_FIRST_MS)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_MAX_MS)
         key = self._endpoint_key(endpoint)
         with self._closed_on_error(sock, key, "connect to", endpoint):
             if identity is not None:

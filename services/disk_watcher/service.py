@@ -1,14 +1,17 @@
 """The disk-watcher: measures the storage directory and publishes the disk state.
 
 The state is level state (``disk.state`` on an XPUB socket): published on every
-change, again every second, and at once to each new subscriber. The cheap
-incremental re-measure (and a publication) runs every ``ACTIVE_MEASURE_SECONDS``
-while anything is being downloaded (files grow in ``.in_progress``), so a
-download that grows past its reservation is seen within that time, and while
-the disk is not ``running``, so a transcriber's deletions resume downloads at
-once; otherwise the measurement is cached for ``cache_duration_seconds``. A
-full walk runs every ``check_interval_seconds``. A ``disk.measure`` request
-re-measures at once.
+change, at once to each new subscriber, and again every second (every two when
+nothing is downloading). The cheap incremental re-measure runs every
+``ACTIVE_MEASURE_SECONDS`` while anything is being downloaded (files grow in
+``.in_progress``), so a download that grows past its reservation is seen within
+that time, and while the disk is not ``running``, so a transcriber's deletions
+resume downloads at once; otherwise the measurement is cached for
+``cache_duration_seconds``. A re-measure that changes no state and comes less
+than a second after the last ``disk.state`` goes out as ``disk.usage``, which only
+the dispatcher reads: each worker wakes once a second for the disk, not five
+times. A full walk runs every ``check_interval_seconds``. A ``disk.measure``
+request re-measures at once.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from shared import layout
 from shared.config import Config
 from shared.disk import DiskMonitor, DiskState, DiskUsage, Thresholds, next_state
 from shared.lifecycle import StopRequest, kv
-from shared.protocol import DiskMeasure, DiskStateMsg, ProtocolError, decode, encode
+from shared.protocol import (DiskMeasure, DiskStateMsg, DiskUsageMsg, ProtocolError, decode,
+                             encode)
 from shared.singleton import hold_lock
 from shared.sockets import Sockets, waiting
 
@@ -78,6 +82,7 @@ class DiskWatcherServer:
         self.monitor = DiskMonitor(config.storage_dir, config.disk.cache_duration_seconds,
                                    full_walk_interval_seconds=config.disk.check_interval_seconds)
         self.watcher = DiskWatcher(config)
+        self.state_sent_at = -1e9  # monotonic time of the last disk.state
         self.sockets = Sockets(config)
         self.stop = StopRequest()
 
@@ -88,7 +93,7 @@ class DiskWatcherServer:
         except OSError:
             return False
 
-    def _publish(self) -> float:
+    def _publish(self, joined: bool) -> float:
         """Measure (re-measure if active), publish; return the seconds until the next one."""
         active = self.watcher.state != DiskState.RUNNING or self._downloading()
         # CPU time, not wall time: on a busy host a 1 ms measurement can take 20 ms of wall
@@ -96,7 +101,13 @@ class DiskWatcherServer:
         started = time.thread_time()
         usage = self.monitor.measure(force=active)
         cost = time.thread_time() - started
+        before = self.watcher.state
         msg = self.watcher.observe(usage, time.time())
+        now = time.monotonic()
+        if joined or msg.state != before.value or now - self.state_sent_at >= PUBLISH_SECONDS:
+            self.state_sent_at = now
+        else:
+            msg = DiskUsageMsg(**msg.as_dict())
         self.pub.send_multipart(encode(msg))
         if active:
             return min(PUBLISH_SECONDS, max(ACTIVE_MEASURE_SECONDS, cost / ACTIVE_BUSY_FRACTION))
@@ -121,7 +132,7 @@ class DiskWatcherServer:
                 if requested:
                     self.monitor.invalidate()
                 if joined or requested or time.monotonic() >= next_publish:
-                    next_publish = time.monotonic() + self._publish()
+                    next_publish = time.monotonic() + self._publish(joined)
             return 0
         finally:
             self.sockets.close()

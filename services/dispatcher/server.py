@@ -10,8 +10,8 @@ import zmq
 
 from shared.config import Config
 from shared.lifecycle import StopRequest, kv
-from shared.protocol import (DiskStateMsg, Message, ProtocolError, StatusReply, StatusRequest,
-                             decode, encode)
+from shared.protocol import (DiskStateMsg, DiskUsageMsg, Message, ProtocolError, StatusReply,
+                             StatusRequest, decode, encode)
 from shared.singleton import hold_lock
 from shared.sockets import Sockets, waiting
 from services.dispatcher.core import Dispatcher, Options
@@ -40,7 +40,8 @@ class DispatcherServer:
         self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.status = self.sockets.bind(zmq.ROUTER, zc.status, "status")
         self.disk_sub = self.sockets.connect(zmq.SUB, zc.disk_state)
-        self.disk_sub.setsockopt(zmq.SUBSCRIBE, DiskStateMsg.KIND.encode())
+        for kind in (DiskStateMsg.KIND, DiskUsageMsg.KIND):  # the state, and every re-measure
+            self.disk_sub.setsockopt(zmq.SUBSCRIBE, kind.encode())
         self.disk_push = self.sockets.connect(zmq.PUSH, zc.disk_control)
         self.disk_push.setsockopt(zmq.SNDHWM, 10)
         self.poller = zmq.Poller()
