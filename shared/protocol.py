@@ -22,6 +22,9 @@ Conversation between a worker (DEALER) and the dispatcher (ROUTER)::
 
 Terminal messages (finished, landed, failed) are re-sent until answered, so a
 dispatcher restart loses nothing; the dispatcher treats repeats idempotently.
+After a landing the worker holds nothing, so its next WorkerReady follows right
+behind the JobLanded (which it re-sends until acked, even while the next job
+runs): the dispatcher reads both in one wake-up and answers ack and job together.
 """
 
 from __future__ import annotations

@@ -48,6 +48,10 @@ class Worker:
         self.attempt: Attempt | None = None
         self.pending: Message | None = None  # re-sent until answered
         self.pending_at = 0.0
+        # The last landing, re-sent until acked while the next job may already run: the
+        # worker asks for work right behind it (one exchange fewer per job).
+        self.landed: JobLanded | None = None
+        self.landed_at = 0.0
         self.seq = 0
         self.disk: DiskStateMsg | None = None
         self.disk_at = -1e9
@@ -104,7 +108,7 @@ class Worker:
     def _finished(self) -> bool:
         if not self.stop.requested:
             return False
-        if self.attempt is None and self.pending is None:
+        if self.attempt is None and self.pending is None and self.landed is None:
             return True
         return self.stop_deadline is not None and time.monotonic() > self.stop_deadline
 
@@ -140,7 +144,7 @@ class Worker:
         second (the disk state), not four times."""
         if self.attempt is not None:
             return min(250, self.attempt.seconds_to_read() * 1000 + 1)
-        if self.pending is not None:
+        if self.pending is not None or self.landed is not None:
             return 250
         return max(0.0, min(self.next_beat - time.monotonic(), 5.0)) * 1000
 
@@ -246,11 +250,17 @@ class Worker:
             reason = REASON_NO_SPACE if download.is_no_space_error(exc) else REASON_ERROR
             self._fail(reason, f"Failed to move video into place: {exc}")
             return
-        a.phase = "reporting"
         log.info(kv("landed", path=msg.video_path, size=a.post.size, **self.ctx))
-        self.report(JobLanded(worker_id=self.worker_id, session=self.session, job_id=msg.job_id,
-                              attempt=msg.attempt, video_path=msg.video_path, size_bytes=a.post.size,
-                              duration_seconds=a.post.duration))
+        self.landed = JobLanded(worker_id=self.worker_id, session=self.session, job_id=msg.job_id,
+                                attempt=msg.attempt, video_path=msg.video_path,
+                                size_bytes=a.post.size, duration_seconds=a.post.duration)
+        self.landed_at = time.monotonic()
+        self.send(self.landed)
+        # The file is in place: nothing of this attempt is needed any more. Idle now, so
+        # this loop turn asks for the next job right behind the landing (the dispatcher
+        # reads both in one wake-up and answers with the ack and the next job together).
+        a.discard(keep_partials=False)
+        self._idle()
 
     def _on_cancel(self, msg: JobCancel) -> None:
         if not self._mine(msg.job_id, msg.attempt):
@@ -264,12 +274,16 @@ class Worker:
         self._idle()
 
     def _on_ack(self, msg: JobAck) -> None:
+        if self.landed is not None and (self.landed.job_id, self.landed.attempt) == (
+                msg.job_id, msg.attempt):
+            self.landed = None
+            return
         p = self.pending
         if p is None or (p.job_id, p.attempt) != (msg.job_id, msg.attempt):
             return
         a = self.attempt
         if a is not None and self._mine(msg.job_id, msg.attempt):
-            a.discard(keep_partials=not isinstance(p, JobLanded) and not a.job.dry_run)
+            a.discard(keep_partials=not a.job.dry_run)  # a failure's partials may resume
         self._idle()
 
     def _idle(self) -> None:
@@ -288,6 +302,9 @@ class Worker:
         if self.pending is not None and now - self.pending_at >= RESEND_SECONDS:
             self.pending_at = now
             self.send(self.pending)
+        if self.landed is not None and now - self.landed_at >= RESEND_SECONDS:
+            self.landed_at = now
+            self.send(self.landed)
         if now >= self.next_beat:
             self.next_beat = now + self.config.queue.heartbeat_seconds
             self._beat()
