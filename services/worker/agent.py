@@ -49,7 +49,9 @@ class Worker:
         self.pending: Message | None = None  # re-sent until answered
         self.pending_at = 0.0
         # The last landing, re-sent until acked while the next job may already run: the
-        # worker asks for work right behind it (one exchange fewer per job).
+        # worker asks for work right behind it (one exchange fewer per job). One slot is
+        # enough: a next job can only come from a dispatcher that read that ready, and
+        # so (same connection, in order) recorded the landing sent before it.
         self.landed: JobLanded | None = None
         self.landed_at = 0.0
         self.seq = 0
