@@ -52,8 +52,8 @@ def _help_formatter(prog: str) -> argparse.HelpFormatter:
     try:
         width = int(os.environ.get("COLUMNS", "0")) or os.get_terminal_size(sys.__stdout__.fileno()).columns
     except (ValueError, OSError, AttributeError):
-        width = 80
-    return argparse.HelpFormatter(prog, width=max(width - 2, 20))
+        width = 0
+    return argparse.HelpFormatter(prog, width=max((width or 80) - 2, 20))  # some ptys say 0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -34,8 +34,12 @@ from shared.protocol import MAX_MESSAGE_BYTES
 log = logging.getLogger(__name__)
 REFUSAL_REPEAT_SECONDS = 60.0
 Z85_KEY_LENGTH = 40
-RECONNECT_FIRST_MS = 10  # a refused connect is retried after this (plus jitter), doubling
-RECONNECT_MAX_MS = 2000  # ... up to this while the peer stays away
+# Local endpoints (ipc://, loopback): a refused connect is retried after this (plus up to
+# as much again of jitter), doubling up to RECONNECT_MAX_MS while the peer stays away.
+# Remote ones keep libzmq's 100 ms: there each retry may be a CURVE handshake, and a
+# connection the server drops (a wrong key) starts again from the first interval.
+RECONNECT_FIRST_MS = 10
+RECONNECT_MAX_MS = 500
 
 
 def is_local_endpoint(endpoint: str) -> bool:
@@ -342,12 +346,12 @@ class Sockets:
                 immediate: bool = False) -> zmq.Socket:
         sock = self.context.socket(kind)
         _limits(sock, client=True)
-        # Workers start faster than the dispatcher (no database layer to import), so their
-        # first connect is usually refused; libzmq retries after RECONNECT_IVL plus up to
-        # as much again of jitter: the default 100 ms cost every start 100-200 ms. Retry
-        # after 10 ms, doubling up to 2 s while the peer stays away (reset once connected).
-        sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_FIRST_MS)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_MAX_MS)
+        if is_local_endpoint(endpoint):
+            # Workers start faster than the dispatcher (no database layer to import), so
+            # their first connect is usually refused, and libzmq's 100 ms plus jitter
+            # delayed the first job of every start by 100-200 ms.
+            sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_FIRST_MS)
+            sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_MAX_MS)
         key = self._endpoint_key(endpoint)
         with self._closed_on_error(sock, key, "connect to", endpoint):
             if identity is not None:

@@ -294,8 +294,9 @@ class Dispatcher:
                                job_id=msg.job_id, path=msg.video_path,
                                why="landed after its lease was lost"))
             return ack
+        # No idle.pop here: a worker asks for its next job right behind its landing, so a
+        # credit it holds now (a landing re-sent after its ready) is a real one.
         self._land(lease, msg.video_path, msg.size_bytes, msg.duration_seconds, now)
-        self.idle.pop(identity, None)
         return ack
 
     def _land(self, lease: Lease, video_path: str, size: int, duration: float | None,
@@ -308,9 +309,9 @@ class Dispatcher:
         self.landed_recent.append((now, size))
         self._counts_dirty = True
         if not self.leases:
-            # With downloads still running the disk-watcher re-measures every 0.2 s anyway
-            # (one request per landing cost a measurement and a publication to every
-            # subscriber, 25 a second at full speed); after the last one it would wait.
+            # With downloads still running the disk-watcher re-measures at least once a
+            # second anyway (one request per landing cost a measurement and a publication,
+            # 25 a second at full speed); after the last one it would wait.
             self._request_measure("download landed", now)
         log.info(kv("downloaded", job_id=job.id, anime_id=job.anime_id, episode=job.episode,
                     worker_id=owner_worker_id(lease.owner), size=size, path=video_path,

@@ -48,12 +48,12 @@ class Worker:
         self.attempt: Attempt | None = None
         self.pending: Message | None = None  # re-sent until answered
         self.pending_at = 0.0
-        # The last landing, re-sent until acked while the next job may already run: the
-        # worker asks for work right behind it (one exchange fewer per job). One slot is
-        # enough: a next job can only come from a dispatcher that read that ready, and
-        # so (same connection, in order) recorded the landing sent before it.
-        self.landed: JobLanded | None = None
-        self.landed_at = 0.0
+        # Landings not yet acked, re-sent every RESEND_SECONDS while the next job may
+        # already run: the worker asks for work right behind each (one exchange fewer
+        # per job). Usually one; more only if the dispatcher dropped a landing it could
+        # not record (a busy database) but handed out the next job.
+        self.landings: dict[tuple[int, int], JobLanded] = {}
+        self.landings_sent_at = 0.0
         self.seq = 0
         self.disk: DiskStateMsg | None = None
         self.disk_at = -1e9
@@ -110,7 +110,7 @@ class Worker:
     def _finished(self) -> bool:
         if not self.stop.requested:
             return False
-        if self.attempt is None and self.pending is None and self.landed is None:
+        if self.attempt is None and self.pending is None and not self.landings:
             return True
         return self.stop_deadline is not None and time.monotonic() > self.stop_deadline
 
@@ -146,7 +146,7 @@ class Worker:
         second (the disk state), not four times."""
         if self.attempt is not None:
             return min(250, self.attempt.seconds_to_read() * 1000 + 1)
-        if self.pending is not None or self.landed is not None:
+        if self.pending is not None or self.landings:
             return 250
         return max(0.0, min(self.next_beat - time.monotonic(), 5.0)) * 1000
 
@@ -253,11 +253,12 @@ class Worker:
             self._fail(reason, f"Failed to move video into place: {exc}")
             return
         log.info(kv("landed", path=msg.video_path, size=a.post.size, **self.ctx))
-        self.landed = JobLanded(worker_id=self.worker_id, session=self.session, job_id=msg.job_id,
-                                attempt=msg.attempt, video_path=msg.video_path,
-                                size_bytes=a.post.size, duration_seconds=a.post.duration)
-        self.landed_at = time.monotonic()
-        self.send(self.landed)
+        landed = JobLanded(worker_id=self.worker_id, session=self.session, job_id=msg.job_id,
+                           attempt=msg.attempt, video_path=msg.video_path,
+                           size_bytes=a.post.size, duration_seconds=a.post.duration)
+        self.landings[(msg.job_id, msg.attempt)] = landed
+        self.landings_sent_at = time.monotonic()
+        self.send(landed)
         # The file is in place: nothing of this attempt is needed any more. Idle now, so
         # this loop turn asks for the next job right behind the landing (the dispatcher
         # reads both in one wake-up and answers with the ack and the next job together).
@@ -276,9 +277,7 @@ class Worker:
         self._idle()
 
     def _on_ack(self, msg: JobAck) -> None:
-        if self.landed is not None and (self.landed.job_id, self.landed.attempt) == (
-                msg.job_id, msg.attempt):
-            self.landed = None
+        if self.landings.pop((msg.job_id, msg.attempt), None) is not None:
             return
         p = self.pending
         if p is None or (p.job_id, p.attempt) != (msg.job_id, msg.attempt):
@@ -304,9 +303,10 @@ class Worker:
         if self.pending is not None and now - self.pending_at >= RESEND_SECONDS:
             self.pending_at = now
             self.send(self.pending)
-        if self.landed is not None and now - self.landed_at >= RESEND_SECONDS:
-            self.landed_at = now
-            self.send(self.landed)
+        if self.landings and now - self.landings_sent_at >= RESEND_SECONDS:
+            self.landings_sent_at = now
+            for landed in self.landings.values():
+                self.send(landed)
         if now >= self.next_beat:
             self.next_beat = now + self.config.queue.heartbeat_seconds
             self._beat()

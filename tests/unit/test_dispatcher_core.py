@@ -172,6 +172,20 @@ def test_a_lease_goes_only_to_a_worker_that_asked_for_work(rig: Rig) -> None:
     assert only_assign(rig.ready(A, 2.0), A).job_id == 2
 
 
+def test_a_landing_handled_after_the_workers_ready_keeps_its_credit(rig: Rig) -> None:
+    """A worker asks for work right behind its landing; when the landing is handled after
+    that ready (a re-send of one the dispatcher could not record), the credit stands."""
+    rig.enqueue(1, [1])
+    job = only_assign(rig.ready(A, 1.0), A)
+    rig.finished(A, job, 1.1)
+    path = rig.land_file(job)
+    assert assigns(rig.ready(A, 1.2)) == []  # nothing queued: the credit waits
+    rig.landed(A, job, str(path), 1.3)
+    assert rig.row(1)["stage"] == "downloaded"
+    rig.enqueue(1, [2])
+    assert only_assign(rig.tick(1.4), A).job_id == 2
+
+
 def test_work_added_by_another_program_is_handed_out_without_a_restart(rig: Rig) -> None:
     rig.enqueue(1, [1])
     job = only_assign(rig.ready(A, 1.0), A)
