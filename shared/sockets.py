@@ -346,12 +346,6 @@ class Sockets:
                 immediate: bool = False) -> zmq.Socket:
         sock = self.context.socket(kind)
         _limits(sock, client=True)
-        if is_local_endpoint(endpoint):
-            # Workers start faster than the dispatcher (no database layer to import), so
-            # their first connect is usually refused, and libzmq's 100 ms plus jitter
-            # delayed the first job of every start by 100-200 ms.
-            sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_FIRST_MS)
-            sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_MAX_MS)
         key = self._endpoint_key(endpoint)
         with self._closed_on_error(sock, key, "connect to", endpoint):
             if identity is not None:
@@ -359,7 +353,13 @@ class Sockets:
             if immediate:
                 sock.setsockopt(zmq.IMMEDIATE, 1)
                 sock.setsockopt(zmq.SNDHWM, 100)
-            if not is_local_endpoint(endpoint):
+            if is_local_endpoint(endpoint):
+                # Workers start faster than the dispatcher (no database layer to import),
+                # so their first connect is usually refused, and libzmq's 100 ms plus
+                # jitter delayed the first job of every start by 100-200 ms.
+                sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_FIRST_MS)
+                sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_MAX_MS)
+            else:
                 public, secret, server_public = self._client_keys(key, endpoint)
                 sock.curve_publickey = public
                 sock.curve_secretkey = secret

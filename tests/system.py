@@ -24,6 +24,8 @@ from typing import Any, Callable
 
 import psutil
 
+from shared.protocol import DiskStateMsg
+
 REPO = Path(__file__).resolve().parent.parent
 SIM_ANI_CLI = REPO / "tests" / "fakes" / "ani-cli"
 BIN = Path(sys.executable).parent
@@ -278,3 +280,12 @@ class System(Layout):
     def private_dirs(self) -> list[Path]:
         root = self.storage / ".in_progress"
         return sorted(p for p in root.glob("job-*")) if root.exists() else []
+
+
+def running_state(seq: int = 1) -> DiskStateMsg:
+    """A fresh "running" disk state with room to spare, as a scripted disk-watcher sends."""
+    now = time.time()
+    return DiskStateMsg(seq=seq, state="running", usage_bytes=0, breakdown={},
+                        free_bytes=100 * 2 ** 30, pause_threshold_bytes=9 * 2 ** 30,
+                        resume_threshold_bytes=8 * 2 ** 30, hard_limit_bytes=10 * 2 ** 30,
+                        min_free_bytes=0, measured_at=now, published_at=now)

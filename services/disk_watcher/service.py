@@ -60,7 +60,9 @@ def thresholds(config: Config) -> Thresholds:
 
 
 class DiskWatcher:
-    """State logic without sockets: ``observe(usage)`` returns the message to publish."""
+    """State logic without sockets: ``observe(usage)`` returns the message to publish:
+    ``disk.state`` on a change, to a new subscriber and at least once a second, otherwise
+    ``disk.usage`` (the same fields, read by the dispatcher alone)."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -68,18 +70,25 @@ class DiskWatcher:
         self.state = DiskState.RUNNING  # a fresh start is no transition: judged by pause
         self.seq = 0
         self.last: DiskStateMsg | None = None
+        self.state_sent_at = -1e9  # monotonic time of the last disk.state
         self.growth: list[float] = []  # bytes/s towards a threshold, the last few intervals
         self._previous: DiskUsage | None = None
 
-    def observe(self, usage: DiskUsage, now: float) -> DiskStateMsg:
+    def observe(self, usage: DiskUsage, now: float, joined: bool = False) -> DiskStateMsg:
         new = next_state(self.state, usage.total, usage.free_bytes, self.thresholds)
-        if new != self.state or self.last is None:
+        changed = new != self.state or self.last is None
+        if changed:
             log.info(kv("disk state", state=new.value, previous=self.state.value,
                         usage=usage.total, free=usage.free_bytes, **usage.breakdown()))
         self.state = new
         self.seq += 1
         t = self.thresholds
-        self.last = DiskStateMsg(
+        kind = DiskStateMsg
+        if changed or joined or time.monotonic() - self.state_sent_at >= PUBLISH_SECONDS:
+            self.state_sent_at = time.monotonic()
+        else:
+            kind = DiskUsageMsg
+        self.last = kind(
             seq=self.seq, state=new.value, usage_bytes=usage.total, breakdown=usage.breakdown(),
             free_bytes=usage.free_bytes, pause_threshold_bytes=t.pause_bytes,
             resume_threshold_bytes=t.resume_bytes, hard_limit_bytes=t.hard_limit_bytes,
@@ -114,7 +123,6 @@ class DiskWatcherServer:
         self.monitor = DiskMonitor(config.storage_dir, config.disk.cache_duration_seconds,
                                    full_walk_interval_seconds=config.disk.check_interval_seconds)
         self.watcher = DiskWatcher(config)
-        self.state_sent_at = -1e9  # monotonic time of the last disk.state
         self.sockets = Sockets(config)
         self.stop = StopRequest()
 
@@ -133,13 +141,7 @@ class DiskWatcherServer:
         started = time.thread_time()
         usage = self.monitor.measure(force=active)
         cost = time.thread_time() - started
-        before = self.watcher.state
-        msg = self.watcher.observe(usage, time.time())
-        now = time.monotonic()
-        if joined or msg.state != before.value or now - self.state_sent_at >= PUBLISH_SECONDS:
-            self.state_sent_at = now
-        else:
-            msg = DiskUsageMsg(**msg.as_dict())
+        msg = self.watcher.observe(usage, time.time(), joined)
         self.pub.send_multipart(encode(msg))
         if not active:
             return IDLE_PUBLISH_SECONDS

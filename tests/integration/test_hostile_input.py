@@ -23,7 +23,7 @@ from shared.config import load_config
 from shared.protocol import (MAX_MESSAGE_BYTES, DiskStateMsg, JobAck, JobAssign, JobCommit,
                              JobFinished, JobHeartbeat, JobLanded, StatusReply, StatusRequest,
                              WorkerReady, decode, encode)
-from tests.system import System, wait_for
+from tests.system import System, running_state, wait_for
 
 pytestmark = pytest.mark.slow
 TIMEOUT_MS = 10_000
@@ -200,14 +200,6 @@ def test_the_dispatcher_and_the_disk_watcher_survive_garbage(make_system, net: N
     assert dispatcher.poll() is None and watcher.poll() is None and worker.poll() is None
     wait_for(lambda: status(net, zc.status)["queue"]["downloaded"] == 3, 10, "status to count 3")
     assert "Traceback" not in "".join(dispatcher_out) + "".join(watcher_out)
-
-
-def running_state(seq: int) -> DiskStateMsg:
-    now = time.time()
-    return DiskStateMsg(seq=seq, state="running", usage_bytes=0, breakdown={},
-                        free_bytes=100 * 2 ** 30, pause_threshold_bytes=9 * 2 ** 30,
-                        resume_threshold_bytes=8 * 2 ** 30, hard_limit_bytes=10 * 2 ** 30,
-                        min_free_bytes=0, measured_at=now, published_at=now)
 
 
 def publish_garbage_then_state(pub: zmq.Socket, seq: int) -> None:

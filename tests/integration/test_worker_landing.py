@@ -14,16 +14,9 @@ from typing import Callable
 import zmq
 
 from shared.config import load_config
-from shared.protocol import (DiskStateMsg, JobAck, JobAssign, JobCommit, JobFinished, JobLanded,
-                             Message, WorkerReady, decode, encode)
-
-
-def running_state() -> DiskStateMsg:
-    now = time.time()
-    return DiskStateMsg(seq=1, state="running", usage_bytes=0, breakdown={},
-                        free_bytes=100 * 2 ** 30, pause_threshold_bytes=9 * 2 ** 30,
-                        resume_threshold_bytes=8 * 2 ** 30, hard_limit_bytes=10 * 2 ** 30,
-                        min_free_bytes=0, measured_at=now, published_at=now)
+from shared.protocol import (JobAck, JobAssign, JobCommit, JobFinished, JobLanded, Message,
+                             WorkerReady, decode, encode)
+from tests.system import running_state
 
 
 class ScriptedDispatcher:
