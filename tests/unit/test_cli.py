@@ -1,20 +1,31 @@
-"""The command lines: the launcher's supervisord.conf, anime-enqueue's episode ranges."""
+"""The command lines: the launcher's supervisord.conf, terminal and refusals; anime-enqueue's
+episode ranges."""
 
 from __future__ import annotations
 
 import configparser
+import os
+import signal
+import subprocess
+import sys
 
 import pytest
 
 from services import launcher
 from services.enqueue import enqueue, parse_episodes
 from shared.config import load_config
-from tests.system import BASE_CONFIG, render_toml
+from shared.singleton import hold_lock
+from tests.system import BASE_CONFIG, REPO, render_toml
+
+
+def write_config(tmp_path):
+    path = tmp_path / "config.toml"
+    path.write_text(render_toml(BASE_CONFIG))
+    return path
 
 
 def rendered(tmp_path, *argv: str) -> configparser.RawConfigParser:
-    path = tmp_path / "config.toml"
-    path.write_text(render_toml(BASE_CONFIG))
+    path = write_config(tmp_path)
     args = launcher.parse_args(["-c", str(path), *argv])
     text = launcher.render(launcher.TEMPLATE.read_text(), load_config(path), args)
     parser = configparser.RawConfigParser()
@@ -69,3 +80,18 @@ def test_enqueue_is_idempotent_per_episode(tmp_path):
     conn = sqlite3.connect(db)
     assert conn.execute("SELECT COUNT(*) FROM jobs").fetchone() == (4,)
     assert conn.execute("SELECT * FROM anime_selection_cache").fetchall() == [(1, 2, "A (TV)", "high")]
+
+
+# --- the launcher's terminal and its refusals ------------------------------------
+
+@pytest.mark.parametrize("ignored", [False, True], ids=["sighup", "nohup"])
+def test_a_hang_up_is_a_stop_request_unless_nohup_ignored_it(ignored):
+    code = ("import os, signal, sys\n"
+            "from shared.lifecycle import StopRequest\n"
+            "stop = StopRequest()\n"
+            "os.kill(os.getpid(), signal.SIGHUP)\n"
+            "print(stop.count)\n")
+    preexec = (lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) if ignored else None
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                            timeout=30, preexec_fn=preexec)
+    assert (result.returncode, result.stdout.strip()) == (0, "0" if ignored else "1"), result
