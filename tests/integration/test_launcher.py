@@ -68,6 +68,79 @@ def assert_nothing_left_and_jobs_queued(system: System, since: float) -> None:
     assert jobs == [("queued", 0)] * EPISODES, jobs
 
 
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGTERM, signal.SIGKILL],
+                         ids=["terminal-closed", "sigterm", "kill-9"])
+def test_a_signal_to_the_launcher_stops_everything_it_started(make_system, sig) -> None:
+    system = make_system()
+    hanging_downloads(system)
+    launcher = system.start_supervisord(EPISODES)
+    wait_for(lambda: all_hanging(system), 30, "three downloads hanging half-way")
+    t0 = time.monotonic()
+    launcher.send_signal(sig)
+    assert_nothing_left_and_jobs_queued(system, t0)
+    assert launcher.wait(timeout=5) == (-signal.SIGKILL if sig == signal.SIGKILL else 0)
+
+
+def test_ctrl_c_with_the_output_piped_stops_everything(make_system) -> None:
+    """``anime-downloader ... 2>&1 | grep ...`` and Ctrl-C: the grep dies too, and every
+    later write of the launcher (and, before, of supervisord) meets a broken pipe."""
+    system = make_system()
+    hanging_downloads(system)
+    read_end, write_end = os.pipe()
+    reader = subprocess.Popen(["cat"], stdin=read_end, stdout=subprocess.DEVNULL)
+    os.close(read_end)
+    launcher = subprocess.Popen(system.command("anime-downloader", "-c", str(system.config_path),
+                                               "-w", str(EPISODES)),
+                                cwd=system.root, env=system.env(), stdin=subprocess.DEVNULL,
+                                stdout=write_end, stderr=write_end, start_new_session=True)
+    os.close(write_end)
+    system.processes += [launcher, reader]
+    wait_for(lambda: all_hanging(system), 30, "three downloads hanging half-way")
+    reader.kill()  # Ctrl-C reaches the whole pipeline; the reader is gone first
+    reader.wait(timeout=5)
+    t0 = time.monotonic()
+    launcher.send_signal(signal.SIGINT)
+    assert_nothing_left_and_jobs_queued(system, t0)
+    assert launcher.wait(timeout=5) == 0
+
+
+def test_a_second_launcher_refuses_before_rewriting_anything(make_system) -> None:
+    system = make_system()
+    first = system.start_supervisord(1)
+    conf = system.data / "run" / "supervisord.conf"
+    before = (conf.read_bytes(), conf.stat().st_mtime_ns)
+    t0 = time.monotonic()
+    second = system.run("anime-downloader", "-c", str(system.config_path), "-w", "2", timeout=20)
+    assert (second.returncode, second.stdout) == (3, ""), second
+    lines = second.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"already running (pid {first.pid})" in lines[0], second.stderr
+    assert f"kill {first.pid}" in lines[0]
+    assert time.monotonic() - t0 < 5
+    assert (conf.read_bytes(), conf.stat().st_mtime_ns) == before, "run/supervisord.conf was rewritten"
+    assert first.poll() is None and system.rpc_ok()
+    assert system.process_info("worker:worker_01")["statename"] in ("STARTING", "RUNNING")
+
+
+def test_leftovers_of_a_crashed_run_are_named_and_nothing_starts(make_system) -> None:
+    """A dispatcher and a worker still holding their locks (left by a run whose launcher
+    and supervisord died): the launcher names both pids and writes nothing."""
+    system = make_system()
+    system.enqueue(701, "Any", [1], selected_index=1)
+    config = str(system.config_path)
+    dispatcher = system.spawn("anime-dispatcher", "-c", config)
+    worker = system.spawn("anime-worker", "-c", config, "--worker-id", "w01")
+    wait_for(lambda: "dispatcher started" in system.output(dispatcher)
+             and "worker started" in system.output(worker), 20, "the leftovers running")
+    second = system.run("anime-downloader", "-c", config, timeout=20)
+    assert second.returncode == 3, second
+    lines = second.stderr.strip().splitlines()
+    assert len(lines) == 1, second.stderr
+    assert f"already running (pids {dispatcher.pid} {worker.pid})" in lines[0], lines[0]
+    assert f"kill {dispatcher.pid} {worker.pid}" in lines[0] and "worker w01" in lines[0]
+    assert not (system.data / "run" / "supervisord.conf").exists()
+    assert not (system.data / "run" / "supervisor.sock").exists()
+
+
 def test_a_second_live_worker_with_the_same_id_is_refused(make_system) -> None:
     system = make_system()
     config = str(system.config_path)
@@ -81,3 +154,23 @@ def test_a_second_live_worker_with_the_same_id_is_refused(make_system) -> None:
     assert first.poll() is None
     other = system.spawn("anime-worker", "-c", config, "--worker-id", "w02")
     wait_for(lambda: "worker started" in system.output(other), 20, "worker w02 running beside it")
+
+
+def test_services_stop_when_their_supervisord_is_killed(make_system) -> None:
+    """kill -9 of supervisord itself: every program gets SIGTERM from the kernel and
+    stops as usual (workers kill ani-cli); the launcher says what happened."""
+    system = make_system()
+    hanging_downloads(system)
+    launcher = system.start_supervisord(EPISODES)
+    wait_for(lambda: all_hanging(system), 30, "three downloads hanging half-way")
+    supervisord = system.rpc().supervisor.getPID()
+    t0 = time.monotonic()
+    os.kill(supervisord, signal.SIGKILL)
+    try:
+        wait_for(lambda: not installation_processes(system), STOP_BOUND, "every process to end")
+    except AssertionError:
+        raise AssertionError("left running: " + "; ".join(installation_processes(system))) from None
+    print(f"everything stopped {time.monotonic() - t0:.2f}s after supervisord's death")
+    assert launcher.wait(timeout=5) == 1
+    wait_for(lambda: "supervisord was killed by signal 9" in system.output(launcher), 5,
+             "the launcher to say supervisord died")
