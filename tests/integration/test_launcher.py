@@ -7,9 +7,13 @@ with one line naming the pid, before it changes anything.
 
 from __future__ import annotations
 
+import fcntl
 import os
+import select
 import signal
 import subprocess
+import termios
+import threading
 import time
 
 import psutil
@@ -69,7 +73,7 @@ def assert_nothing_left_and_jobs_queued(system: System, since: float) -> None:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGTERM, signal.SIGKILL],
-                         ids=["terminal-closed", "sigterm", "kill-9"])
+                         ids=["sighup", "sigterm", "kill-9"])
 def test_a_signal_to_the_launcher_stops_everything_it_started(make_system, sig) -> None:
     system = make_system()
     hanging_downloads(system)
@@ -79,6 +83,43 @@ def test_a_signal_to_the_launcher_stops_everything_it_started(make_system, sig) 
     launcher.send_signal(sig)
     assert_nothing_left_and_jobs_queued(system, t0)
     assert launcher.wait(timeout=5) == (-signal.SIGKILL if sig == signal.SIGKILL else 0)
+
+
+def test_closing_its_terminal_stops_everything(make_system) -> None:
+    """The launcher on a terminal of its own (a pty it controls, as under a login shell
+    or ssh), which then goes away: the kernel hangs it up (SIGHUP), and from then on
+    every write to it fails (EIO)."""
+    system = make_system()
+    hanging_downloads(system)
+    master, slave = os.openpty()
+    launcher = subprocess.Popen(
+        system.command("anime-downloader", "-c", str(system.config_path), "-w", str(EPISODES)),
+        cwd=system.root, env=system.env(), stdin=slave, stdout=slave, stderr=slave,
+        start_new_session=True, preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+    os.close(slave)
+    system.processes.append(launcher)
+    reading = threading.Event()
+    reading.set()
+
+    def read_terminal() -> None:  # as the terminal does: else a full pty blocks the launcher
+        while reading.is_set():
+            if select.select([master], [], [], 0.05)[0]:
+                try:
+                    os.read(master, 65536)
+                except OSError:
+                    return
+
+    reader = threading.Thread(target=read_terminal, daemon=True)
+    reader.start()
+    try:
+        wait_for(lambda: all_hanging(system), 30, "three downloads hanging half-way")
+    finally:
+        reading.clear()
+        reader.join(timeout=5)
+    t0 = time.monotonic()
+    os.close(master)  # the terminal window closes, the ssh connection drops
+    assert_nothing_left_and_jobs_queued(system, t0)
+    assert launcher.wait(timeout=5) == 0
 
 
 def test_ctrl_c_with_the_output_piped_stops_everything(make_system) -> None:
