@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import TextIO
 
 from shared.config import Config
-from shared.lifecycle import StopRequest, _prctl, config_or_exit, die_with_parent
+from shared.lifecycle import StopRequest, config_or_exit, die_with_parent, load_prctl
 from shared.singleton import AlreadyRunning, hold_lock, lock_holder
 
 REPO_DIR = Path(__file__).resolve().parent.parent
@@ -321,7 +321,7 @@ class Launcher:
         self.config.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.summary_path.unlink(missing_ok=True)
         self.conf_path.write_text(render(TEMPLATE.read_text(), self.config, self.args))
-        _prctl()  # looked up here: the child only calls it between fork and exec
+        load_prctl()  # looked up here: the child only calls it between fork and exec
         launcher = os.getpid()
 
         def stop_with_launcher() -> None:

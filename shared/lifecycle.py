@@ -12,6 +12,7 @@ programs, each through its ordinary graceful stop.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -110,19 +111,17 @@ class StopRequest:
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 SUPERVISOR_ENV = "SUPERVISOR_ENABLED"  # set by supervisord in its programs' environment
-_prctl_fn: list = []
 
 
-def _prctl() -> Callable[..., int] | None:
+@functools.cache
+def load_prctl() -> Callable[..., int] | None:
     """libc's prctl, looked up once (also before a fork, so a preexec_fn only calls it)."""
-    if not _prctl_fn:
-        try:
-            import ctypes
+    try:
+        import ctypes
 
-            _prctl_fn.append(ctypes.CDLL(None, use_errno=True).prctl)
-        except (OSError, AttributeError):  # not Linux
-            _prctl_fn.append(None)
-    return _prctl_fn[0]
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux
+        return None
 
 
 def die_with_parent(parent: int, sig: int = signal.SIGTERM) -> bool:
@@ -130,9 +129,9 @@ def die_with_parent(parent: int, sig: int = signal.SIGTERM) -> bool:
 
     False when ``parent`` is already gone (the request came too late: the caller is
     an orphan and must stop). Where prctl does not exist, only that check is done.
-    Safe in a ``preexec_fn`` once ``_prctl()`` has been called before the fork.
+    Safe in a ``preexec_fn`` once ``load_prctl()`` has been called before the fork.
     """
-    prctl = _prctl()
+    prctl = load_prctl()
     if prctl is not None:
         prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
     return os.getppid() == parent
