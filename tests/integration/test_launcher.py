@@ -83,6 +83,9 @@ def test_a_signal_to_the_launcher_stops_everything_it_started(make_system, sig) 
     launcher.send_signal(sig)
     assert_nothing_left_and_jobs_queued(system, t0)
     assert launcher.wait(timeout=5) == (-signal.SIGKILL if sig == signal.SIGKILL else 0)
+    if sig != signal.SIGKILL:  # what --exit-when-done prints, after a stop too
+        summary = f"summary: downloaded=0, failed=0, still_queued={EPISODES}, waiting_for_selection=0\n"
+        wait_for(lambda: summary in system.lines(launcher), 5, "the summary line")
 
 
 def test_closing_its_terminal_stops_everything(make_system) -> None:
