@@ -157,8 +157,9 @@ def test_stopping_the_systemd_unit_leaves_nothing_behind(make_system, cgroup) ->
     out.close()
     system.processes.append(main)
     wait_for(lambda: all_hanging(system), 30, "three downloads hanging half-way")
-    # the launcher, supervisord, 2 services, and per download a worker, ani-cli and its child
-    assert len(members(cgroup)) == 4 + 3 * EPISODES, members(cgroup)
+    # at least the launcher, supervisord, 2 services, and per download a worker, ani-cli
+    # and its child: the group holds the whole tree, as systemd's would
+    assert len(members(cgroup)) >= 4 + 3 * EPISODES, members(cgroup)
     t0 = time.monotonic()
     left = systemctl_stop(main, cgroup, service, timeout)
     took = time.monotonic() - t0
