@@ -382,12 +382,7 @@ class Launcher:
                 stop.drain()
 
     def run(self) -> int:
-        busy = already_running(self.config)
-        if busy is None:
-            try:  # held for the launcher's life; released by the kernel however it ends
-                hold_lock(self.config.run_dir / LOCK_NAME, f"anime-downloader for {self.config.path}")
-            except AlreadyRunning as exc:
-                busy = str(exc)
+        busy = self.claim()
         if busy is not None:
             say(sys.stderr, f"anime-downloader: {busy}\n")
             return EXIT_ALREADY_RUNNING
@@ -410,6 +405,20 @@ class Launcher:
         follower.stopped.set()
         follower.join(timeout=5)
         follower.poll()  # the last lines, once the thread no longer reads
+        return self.report(result, ended)
+
+    def claim(self) -> str | None:
+        """Take this installation for this launcher, or say what still runs for it."""
+        busy = already_running(self.config)
+        if busy is None:
+            try:  # held for the launcher's life; released by the kernel however it ends
+                hold_lock(self.config.run_dir / LOCK_NAME, f"anime-downloader for {self.config.path}")
+            except AlreadyRunning as exc:  # another launcher won the race
+                busy = str(exc)
+        return busy
+
+    def report(self, result: str | None, ended: int | None) -> int:
+        """The last words once everything has stopped, and the exit code."""
         if result == "fatal":
             say(sys.stderr, "anime-downloader: the dispatcher could not start; see "
                             f"{self.config.log_dir / 'dispatcher.log'}\n")
@@ -417,24 +426,23 @@ class Launcher:
         if result == "done":
             say(sys.stdout, summary_line(json.loads(self.summary_path.read_text())) + "\n")
             return 0
-        if ended:
-            self.report_supervisord_end(ended)
+        if ended:  # supervisord ended without being asked to: say so, with its last words
+            how = f"was killed by signal {-ended}" if ended < 0 else f"exited with code {ended}"
+            say(sys.stderr, f"anime-downloader: supervisord {how}; see "
+                            f"{self.config.log_dir / 'supervisord.log'}\n{self.last_words()}")
             return ended if ended > 0 else 1
         summary = db_summary(self.config.db_path, self.args.anime_id)
         if summary is not None:
             say(sys.stdout, summary_line(summary) + "\n")
         return 0
 
-    def report_supervisord_end(self, code: int) -> None:
-        """supervisord ended without being asked to: say so, with its last words."""
+    def last_words(self) -> str:
+        """The end of supervisord's own output (tracebacks, start-up errors), indented."""
         try:
             tail = self.out_path.read_text(errors="replace").splitlines()[-20:]
         except OSError:
-            tail = []
-        how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-        text = (f"anime-downloader: supervisord {how}; see {self.config.log_dir / 'supervisord.log'}"
-                + (f" and {self.out_path}:\n" + "".join(f"  {line}\n" for line in tail) if tail else "\n"))
-        say(sys.stderr, text)
+            return ""
+        return f"  {self.out_path}:\n" + "".join(f"    {line}\n" for line in tail) if tail else ""
 
     def stop_all(self) -> None:
         """Stop every program at once and wait until supervisord has seen them all exit.

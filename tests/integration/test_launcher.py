@@ -218,3 +218,18 @@ def test_services_stop_when_their_supervisord_is_killed(make_system) -> None:
     assert launcher.wait(timeout=5) == 1
     wait_for(lambda: "supervisord was killed by signal 9" in system.output(launcher), 5,
              "the launcher to say supervisord died")
+
+
+def test_when_supervisord_cannot_start_the_launcher_shows_why(make_system) -> None:
+    """supervisord's own output goes to logs/supervisord.out, not to the launcher's
+    stdout: when supervisord fails, the launcher prints its last words."""
+    deep = "d" * 90  # its unix socket path gets too long for AF_UNIX (108 bytes)
+    unbound = {key: f"tcp://127.0.0.1:{port}" for key, port in  # never bound: nothing starts
+               zip(("dispatcher", "status", "disk_state", "disk_control"), range(45101, 45105))}
+    system = make_system({"data": {"root_dir": f"{deep}/data"}, "zmq": unbound})
+    result = system.run("anime-downloader", "-c", str(system.config_path), timeout=30)
+    assert result.returncode == 2, result
+    assert "anime-downloader: supervisord exited with code 2; see " in result.stderr, result.stderr
+    out = system.root / deep / "data" / "logs" / "supervisord.out"
+    assert f"  {out}:\n    Error: Cannot open an HTTP server" in result.stderr, result.stderr
+    assert "AF_UNIX path too long" in out.read_text()
