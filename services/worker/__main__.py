@@ -29,8 +29,12 @@ def main(argv: list[str] | None = None) -> int:
 
     def build():
         from services.worker.agent import Worker
+        from shared.singleton import hold_lock
 
-        return Worker(load_config(args.config), worker_id)
+        config = load_config(args.config)
+        # Two live workers with one id would take each other's leases as restarts.
+        hold_lock(config.run_dir / f"worker-{worker_id}.lock", f"worker {worker_id} for {config.root_dir}")
+        return Worker(config, worker_id)
 
     return run_service("anime-worker", build)
 
