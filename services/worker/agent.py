@@ -325,7 +325,14 @@ class Worker:
         now = time.monotonic()
         a = self.attempt
         if a is not None:
-            self._check_attempt(a, now)
+            try:
+                self._check_attempt(a, now)
+            except Exception as exc:  # a bug judging one attempt must not end the worker
+                log.exception(kv("error while checking the attempt", **self.ctx))
+                if self.attempt is a and a.phase != "reporting":
+                    if a.proc is not None and a.proc.returncode is None:
+                        download.reap(a.proc)
+                    self._fail(REASON_ERROR, f"worker error while checking the download: {exc}")
         if self.pending is not None and now - self.pending_at >= RESEND_SECONDS:
             self.pending_at = now
             self.send(self.pending)

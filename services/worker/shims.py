@@ -31,7 +31,9 @@ import importlib.util
 import os
 import shutil
 import sys
+import time
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 ENV_REAL_YTDLP = "ANIME_DL_REAL_YTDLP"
@@ -104,16 +106,30 @@ sys.exit(1)
 '''
 
 
-@dataclass(frozen=True)
+#: How long a lookup of the real tools is reused (a tool installed meanwhile is seen then).
+RESOLVE_SECONDS = 10.0
+
+
+@dataclass
 class Shims:
-    """Where the wrappers are; the real tools are resolved per attempt (``tools``)."""
+    """Where the wrappers are; the real tools are looked up for ani-cli's runs (``tools``)."""
     ytdlp_dir: Path
     ffmpeg_dir: Path
     menu: Path
+    _cache: tuple[str, float, dict[str, str]] | None = None
 
     def tools(self, path: str) -> dict[str, str]:
         """The environment entries of one ani-cli run: PATH with the wrapper directories
-        of the tools that exist first, and the real tools' paths."""
+        of the tools that exist first, and the real tools' paths. (A lookup walks PATH
+        twice, ~0.1 ms: it is reused for RESOLVE_SECONDS.)"""
+        now = time.monotonic()
+        if self._cache and self._cache[0] == path and now - self._cache[1] < RESOLVE_SECONDS:
+            return dict(self._cache[2])
+        env = self._resolve(path)
+        self._cache = (path, now, env)
+        return dict(env)
+
+    def _resolve(self, path: str) -> dict[str, str]:
         env: dict[str, str] = {}
         dirs: list[str] = []
         ytdlp = find_tool("yt-dlp", path, exclude=self.ytdlp_dir)
@@ -166,11 +182,12 @@ def _write(path: Path, body: str) -> None:
 
 def find_tool(name: str, path: str, exclude: Path) -> str | None:
     """``name`` on ``path``, skipping our own wrapper directory."""
-    rest = os.pathsep.join(p for p in path.split(os.pathsep)
-                           if p and os.path.realpath(p) != os.path.realpath(exclude))
+    skip = os.path.normpath(exclude)
+    rest = os.pathsep.join(p for p in path.split(os.pathsep) if p and os.path.normpath(p) != skip)
     return shutil.which(name, path=rest) if rest else None
 
 
+@lru_cache(maxsize=1)
 def bundled_ffmpeg() -> str | None:
     """imageio-ffmpeg's binary, found without importing the package (the idle worker
     stays small): ``$IMAGEIO_FFMPEG_EXE``, else ``imageio_ffmpeg/binaries/ffmpeg-*``."""

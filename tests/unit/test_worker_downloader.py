@@ -70,6 +70,8 @@ def test_the_wrappers_go_first_on_path_only_for_tools_that_exist(tools, tmp_path
     assert first == [str(installed.ytdlp_dir), str(installed.ffmpeg_dir), str(real)]
     assert env[shims.ENV_REAL_YTDLP] == str(real / "yt-dlp")
     (real / "yt-dlp").unlink()
+    assert str(installed.ytdlp_dir) in run_env(tools, 0, tmp_path)["PATH"]  # looked up again later
+    installed._cache = None  # RESOLVE_SECONDS later
     env = run_env(tools, 0, tmp_path)
     assert str(installed.ytdlp_dir) not in env["PATH"] and shims.ENV_REAL_YTDLP not in env
 
@@ -180,7 +182,7 @@ def test_a_file_vanishing_while_it_is_judged_is_no_crash(tmp_path: Path, monkeyp
     dl = tmp_path / "dl"
     dl.mkdir()
     (dl / "Show Episode 1.mp4").write_bytes(b"x" * 5)
-    frag = dl / "Show Episode 1.mp4.part-Frag3"
+    frag = dl / "Show Episode 1 (1).mp4"  # e.g. removed by a leftover of the downloader
     frag.write_bytes(b"y")
     real_stat, gone = os.stat, []
 
@@ -193,7 +195,7 @@ def test_a_file_vanishing_while_it_is_judged_is_no_crash(tmp_path: Path, monkeyp
 
     monkeypatch.setattr(os, "stat", stat_then_vanish)
     outcome = download.judge(0, dl, "")
-    assert outcome.file in (None, dl / "Show Episode 1.mp4")
+    assert outcome.file is None and outcome.error.startswith("Downloaded video not found")
 
 
 # --------------------------------------------------------------------------- landing
