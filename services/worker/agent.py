@@ -19,10 +19,10 @@ import zmq
 from shared.config import Config
 from shared.lifecycle import StopRequest, kv
 from shared.protocol import (REASON_DRY_RUN, REASON_ERROR, REASON_HARD_LIMIT, REASON_INTERRUPTED,
-                             REASON_INVALID, REASON_NO_SPACE, REASON_TIMEOUT, DiskStateMsg, JobAck, JobAssign,
-                             JobCancel, JobCommit, JobFailed, JobFinished, JobHeartbeat,
-                             JobLanded, Message, ProtocolError, WorkerBye, WorkerReady, decode,
-                             encode)
+                             REASON_INVALID, REASON_NO_SPACE, REASON_TIMEOUT, DiskStateMsg, JobAck,
+                             JobAssign, JobCancel, JobCommit, JobFailed, JobFinished,
+                             JobHeartbeat, JobLanded, Message, ProtocolError, WorkerBye,
+                             WorkerReady, decode, encode)
 from shared.sockets import Sockets, waiting
 from services.worker import download, shims
 from services.worker.attempt import Attempt
