@@ -160,6 +160,17 @@ def _failures(failures: list[dict], now: float | None) -> list[str]:
     return lines
 
 
+def _mismatches(mismatches: list[dict], now: float | None) -> list[str]:
+    """Episodes that landed from a show whose site title is not the selected one."""
+    lines = []
+    for i, m in enumerate(mismatches):
+        at = f" at {clock(m['at'], now)}" if m.get("at") else ""
+        head = f"job {m['id']} {m.get('anime_title') or '?'} ep {m.get('episode')}{at}:"
+        lines.append(_label("titles", head) if i == 0 else _more(head))
+        lines.append(_more(f"  site {m.get('site_title')!r}, selected {m.get('selected_title')!r}"))
+    return lines
+
+
 def render_text(status: dict) -> str:
     now = status.get("generated_at")
     disp = status.get("dispatcher") or {}
@@ -174,4 +185,5 @@ def render_text(status: dict) -> str:
     lines.append(_label("last hour", f"{hour.get('downloaded', 0)} episodes downloaded, average "
                                      f"{human_bytes(hour.get('average_size_bytes'))}"))
     lines += _failures(status.get("recent_failures") or [], now)
+    lines += _mismatches(status.get("title_mismatches") or [], now)
     return "\n".join(clip(line) for line in lines)

@@ -91,6 +91,7 @@ class DownloaderConfig(Record):
     container: str = "mkv"  # "mkv": remux losslessly into Matroska; "keep": as downloaded
     total_bandwidth_mbps: float = 0.0  # 0 = unlimited; shared across active workers
     verify: bool = True  # check with ffprobe/ffmpeg that the file is a playable video
+    on_title_mismatch: str = "warn"  # the site's title is not selected_title: warn, fail, ignore
 
 
 class QueueConfig(Record):
@@ -202,6 +203,7 @@ SCHEMA: dict[str, dict[str, tuple[Check, Any]]] = {
         "container": (_one_of("mkv", "keep"), "mkv"),
         "total_bandwidth_mbps": (_non_negative, 0.0),
         "verify": (_bool, True),
+        "on_title_mismatch": (_one_of("warn", "fail", "ignore"), "warn"),
     },
     "queue": {
         "lease_seconds": (_positive, 30.0),

@@ -150,6 +150,10 @@ class JobAssign(Message):
     lease_seconds: float
     rate_limit_bps: int  # 0 = unlimited; the worker's share of total_bandwidth_mbps
     dry_run: bool = False
+    # Retries counted so far: attempt - 1 - retry_count earlier attempts ended without
+    # counting one (stops, full disk...). The worker caps how many stops it cannot prove
+    # were stops may go uncounted (services/worker/agent.py).
+    retry_count: int = 0
 
 
 @message("job.heartbeat")
@@ -176,6 +180,8 @@ class JobFinished(Message):
     ext: str
     size_bytes: int
     duration_seconds: float | None = None
+    site_title: str | None = None  # the site's title in the downloaded file's name
+    title_mismatch: bool = False  # site_title is not the job's selected_title
 
 
 @message("job.commit")
@@ -194,6 +200,8 @@ class JobLanded(Message):
     video_path: str
     size_bytes: int
     duration_seconds: float | None = None
+    site_title: str | None = None  # as in JobFinished
+    title_mismatch: bool = False
 
 
 @message("job.failed")

@@ -113,6 +113,7 @@ class Dispatcher:
     dry_run_done: int = 0
     failures: list[dict] = field(default_factory=list)
     landed_recent: deque = field(default_factory=lambda: deque(maxlen=10_000))
+    title_mismatches: deque = field(default_factory=lambda: deque(maxlen=5))  # for the status
     _counts_at: float = -1e18
     _counts_dirty: bool = True
     _no_selection_logged: set[int] = field(default_factory=set)
@@ -294,6 +295,10 @@ class Dispatcher:
                                job_id=msg.job_id, path=msg.video_path,
                                why="landed after its lease was lost"))
             return ack
+        if msg.title_mismatch:
+            from services.dispatcher.status_view import mismatch_entry
+
+            self.title_mismatches.appendleft(mismatch_entry(lease.job, msg.site_title, now))
         # No idle.pop here: a worker asks for its next job right behind its landing, so a
         # credit it holds now (a landing re-sent after its ready) is a real one.
         self._land(lease, msg.video_path, msg.size_bytes, msg.duration_seconds, now)
@@ -524,7 +529,8 @@ class Dispatcher:
                          selected_index=int(job.selected_index or 0),
                          selected_title=str(job.selected_title or ""),
                          confidence=str(job.confidence or ""), lease_seconds=lease_seconds,
-                         rate_limit_bps=self._rate_share(), dry_run=self.options.dry_run)
+                         rate_limit_bps=self._rate_share(), dry_run=self.options.dry_run,
+                         retry_count=int(job.retry_count or 0))
 
     def _rate_share(self) -> int:
         """A worker's share of total_bandwidth_mbps, in bytes/s, fixed for the whole attempt.

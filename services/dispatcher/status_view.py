@@ -99,6 +99,14 @@ def _last_hour(d: Dispatcher, now: float) -> dict:
             "average_size_bytes": total // count if count else None}
 
 
+def mismatch_entry(job, site_title: str | None, now: float) -> dict:
+    """An episode that landed although the site's title is not the selected one
+    (``[downloader] on_title_mismatch = "warn"``), for ``title_mismatches``."""
+    return {"id": job.id, "anime_id": job.anime_id, "anime_title": job.anime_title,
+            "episode": job.episode, "selected_title": job.selected_title,
+            "site_title": site_title, "at": now}
+
+
 def build_status(d: Dispatcher, now: float) -> dict:
     refusal = d.admission.refusal(now)
     return {
@@ -110,4 +118,5 @@ def build_status(d: Dispatcher, now: float) -> dict:
         "disk": _disk(d, now, refusal),
         "recent_failures": list(d.failures),
         "last_hour": _last_hour(d, now),
+        "title_mismatches": list(getattr(d, "title_mismatches", ())),
     }

@@ -19,12 +19,12 @@ import zmq
 from shared.config import Config
 from shared.lifecycle import StopRequest, kv
 from shared.protocol import (REASON_DRY_RUN, REASON_ERROR, REASON_HARD_LIMIT, REASON_INTERRUPTED,
-                             REASON_NO_SPACE, REASON_TIMEOUT, DiskStateMsg, JobAck, JobAssign,
-                             JobCancel, JobCommit, JobFailed, JobFinished, JobHeartbeat,
-                             JobLanded, Message, ProtocolError, WorkerBye, WorkerReady, decode,
-                             encode)
+                             REASON_INVALID, REASON_NO_SPACE, REASON_TIMEOUT, DiskStateMsg, JobAck,
+                             JobAssign, JobCancel, JobCommit, JobFailed, JobFinished,
+                             JobHeartbeat, JobLanded, Message, ProtocolError, WorkerBye,
+                             WorkerReady, decode, encode)
 from shared.sockets import Sockets, waiting
-from services.worker import download
+from services.worker import download, shims
 from services.worker.attempt import Attempt
 
 log = logging.getLogger(__name__)
@@ -32,9 +32,19 @@ DISK_STALE_SECONDS = 5.0
 RESEND_SECONDS = 1.0
 RECONNECT_RETRY_SECONDS = 0.1  # asking for work while the dispatcher is not connected
 STOP_GRACE_SECONDS = 8.0  # well inside supervisord's stopwaitsecs
-# ani-cli ended by SIGTERM/SIGINT: as a signal (Popen's negative codes) or as the
-# shell's 128+N (ani-cli is a shell script; the simulation exits 143/130 too)
-STOP_EXIT_CODES = (-signal.SIGTERM, -signal.SIGINT, 128 + signal.SIGTERM, 128 + signal.SIGINT)
+# ani-cli ended by SIGTERM/SIGINT/SIGHUP before its trap was set: as a signal (Popen's
+# negative codes) or as a shell's 128+N.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+STOP_EXIT_CODES = tuple(-s for s in STOP_SIGNALS) + tuple(128 + s for s in STOP_SIGNALS)
+# ani-cli's trap 'cleanup; exit 1' INT HUP TERM: exit 1 and, unlike every failure of the
+# script, no die() message. A shutdown signals every process at once (systemd stopping
+# the cgroup) and ani-cli may end before the worker hears its own signal: wait this long
+# for it before judging the exit.
+OUTSIDE_STOP_GRACE_SECONDS = 1.0
+# A stop from outside that the worker cannot confirm (no signal of its own) goes uncounted
+# only while the job has had fewer uncounted attempts than this; then it counts as a
+# failed attempt, so nothing that merely looks like a stop can loop for ever.
+MAX_UNCOUNTED_ATTEMPTS = 3
 
 
 class Worker:
@@ -60,6 +70,16 @@ class Worker:
         self.next_beat = 0.0
         self.stop_deadline: float | None = None
         self.host = socket.gethostname()
+        self.tools = self._install_shims()
+
+    def _install_shims(self) -> shims.Shims | None:
+        try:
+            return shims.install(self.config.run_dir)
+        except OSError as exc:
+            log.error(kv("cannot write the downloader wrappers: the bandwidth cap and exact "
+                         "progress are off", error=exc, directory=self.config.run_dir,
+                         worker_id=self.worker_id))
+            return None
 
     @property
     def ctx(self) -> dict:
@@ -102,8 +122,8 @@ class Worker:
             self.send(WorkerBye(worker_id=self.worker_id, session=self.session))
             return 0
         finally:
-            if self.attempt and self.attempt.proc and self.attempt.proc.poll() is None:
-                download.kill_group(self.attempt.proc)
+            if self.attempt and self.attempt.proc and self.attempt.proc.returncode is None:
+                download.reap(self.attempt.proc)
             self.sockets.close()
             log.info(kv("worker stopped", worker_id=self.worker_id))
 
@@ -225,9 +245,14 @@ class Worker:
             self.send(JobFailed(worker_id=self.worker_id, session=self.session, job_id=job.job_id,
                                 attempt=job.attempt, reason=REASON_INTERRUPTED, error=why))
             return
-        self.attempt = Attempt(job, self.config, worker_id=self.worker_id)
+        self.attempt = Attempt(job, self.config, worker_id=self.worker_id, tools=self.tools)
         # The claim set the lease's deadline: the first heartbeat is due one period later.
-        self.next_beat = time.monotonic() + self.config.queue.heartbeat_seconds
+        self.next_beat = time.monotonic() + self._beat_period()
+        if not self.attempt.query:
+            self._fail(REASON_INVALID, f"Invalid job: the title {job.anime_title!r} has nothing "
+                                       "ani-cli can search for (only characters it cannot "
+                                       "carry); fix anime_title")
+            return
         if job.dry_run:
             self._fail(REASON_DRY_RUN, "dry run", argv=self.attempt.argv())
             log.info(kv("dry run: would run", argv=self.attempt.argv(),
@@ -255,7 +280,9 @@ class Worker:
         log.info(kv("landed", path=msg.video_path, size=a.post.size, **self.ctx))
         landed = JobLanded(worker_id=self.worker_id, session=self.session, job_id=msg.job_id,
                            attempt=msg.attempt, video_path=msg.video_path,
-                           size_bytes=a.post.size, duration_seconds=a.post.duration)
+                           size_bytes=a.post.size, duration_seconds=a.post.duration,
+                           site_title=a.site[0] if a.site else None,
+                           title_mismatch=a.title_mismatch)
         self.landings[(msg.job_id, msg.attempt)] = landed
         self.landings_sent_at = time.monotonic()
         self.send(landed)
@@ -270,9 +297,8 @@ class Worker:
             return
         a = self.attempt
         log.warning(kv("lease lost: discarding this attempt", why=msg.reason, **self.ctx))
-        if a.proc is not None and a.proc.poll() is None:
-            download.kill_group(a.proc)
-            a.exited()
+        if a.proc is not None and a.proc.returncode is None:
+            download.reap(a.proc)
         a.discard(keep_partials=True)
         self._idle()
 
@@ -299,7 +325,14 @@ class Worker:
         now = time.monotonic()
         a = self.attempt
         if a is not None:
-            self._check_attempt(a, now)
+            try:
+                self._check_attempt(a, now)
+            except Exception as exc:  # a bug judging one attempt must not end the worker
+                log.exception(kv("error while checking the attempt", **self.ctx))
+                if self.attempt is a and a.phase != "reporting":
+                    if a.proc is not None and a.proc.returncode is None:
+                        download.reap(a.proc)
+                    self._fail(REASON_ERROR, f"worker error while checking the download: {exc}")
         if self.pending is not None and now - self.pending_at >= RESEND_SECONDS:
             self.pending_at = now
             self.send(self.pending)
@@ -308,8 +341,16 @@ class Worker:
             for landed in self.landings.values():
                 self.send(landed)
         if now >= self.next_beat:
-            self.next_beat = now + self.config.queue.heartbeat_seconds
+            self.next_beat = now + self._beat_period()
             self._beat()
+
+    def _beat_period(self) -> float:
+        """The configured heartbeat, but never slower than a third of the lease the
+        dispatcher gave (a remote worker's own config may say otherwise)."""
+        period = self.config.queue.heartbeat_seconds
+        if self.attempt is not None and self.attempt.job.lease_seconds > 0:
+            period = min(period, self.attempt.job.lease_seconds / 3)
+        return period
 
     def _beat(self) -> None:
         a = self.attempt
@@ -337,12 +378,11 @@ class Worker:
                 a.kill(a.kill_reason or REASON_TIMEOUT, signal.SIGKILL)
             code = a.exited()
             if code is not None:
-                self._after_ani_cli(a, code)
+                self._after_ani_cli(a, code, now)
         elif a.phase == "verifying" and a.post is not None:
             self._after_post(a)
 
-    def _after_ani_cli(self, a: Attempt, code: int) -> None:
-        log.debug(kv("ani-cli exited", exit_code=code, **self.ctx))
+    def _after_ani_cli(self, a: Attempt, code: int, now: float) -> None:
         tail = a.output_tail()
         if a.kill_reason == REASON_TIMEOUT:
             self._fail(REASON_TIMEOUT, f"ani-cli timed out after "
@@ -350,21 +390,61 @@ class Worker:
         elif a.kill_reason == REASON_HARD_LIMIT:
             a.clear_partials()
             self._fail(REASON_HARD_LIMIT, "aborted: disk usage reached hard_limit_gb")
-        elif a.kill_reason == REASON_INTERRUPTED:
+        elif a.kill_reason == REASON_INTERRUPTED or self.stop.requested:
             self._fail(REASON_INTERRUPTED, "interrupted by a stop request")
-        elif self.stop.requested or code in STOP_EXIT_CODES:
-            # Stopped from outside (a shutdown signals every process at once, and
-            # ani-cli may die before our own handler runs): not the job's fault.
-            self._fail(REASON_INTERRUPTED, f"ani-cli was stopped by a signal (exit code {code})")
+        elif code in STOP_EXIT_CODES or (code == 1 and not a.died):
+            self._stopped_from_outside(a, code, now)
         else:
-            outcome = download.judge(code, a.download_dir, tail)
-            if outcome.no_space:
-                a.clear_partials()
-                self._fail(REASON_NO_SPACE, "Failed to write video file: No space left on device")
-            elif outcome.file is None:
-                self._fail(REASON_ERROR, outcome.error or "unknown error")
-            else:
-                a.start_post(outcome.file)
+            self._judge(a, code, tail)
+
+    def _stopped_from_outside(self, a: Attempt, code: int, now: float) -> None:
+        """ani-cli ended as a stop ends it (a signal, or its trap's silent exit 1) without
+        the worker asking: wait a moment for the worker's own stop signal (a shutdown);
+        without one, do not count it, up to MAX_UNCOUNTED_ATTEMPTS times per job."""
+        if a.exit_seen_at is None:
+            a.exit_seen_at = now
+            log.debug(kv("ani-cli exited as if stopped; waiting for a stop signal",
+                         exit_code=code, **self.ctx))
+        if now - a.exit_seen_at < OUTSIDE_STOP_GRACE_SECONDS:
+            return  # checked again at the next turn of the loop
+        how = f"signal {-code}" if code < 0 else f"exit code {code}"
+        if code == 1:
+            how += " without an error message, as its INT/HUP/TERM trap exits"
+        uncounted = a.job.attempt - 1 - a.job.retry_count
+        if uncounted < MAX_UNCOUNTED_ATTEMPTS:
+            self._fail(REASON_INTERRUPTED, f"ani-cli was stopped from outside ({how})")
+        else:
+            self._fail(REASON_ERROR, f"ani-cli was stopped from outside ({how}) after "
+                       f"{uncounted} attempts that counted no retry: counting this one"
+                       f"\n{a.output_tail()}".rstrip())
+
+    def _judge(self, a: Attempt, code: int, tail: str) -> None:
+        outcome = download.judge(code, a.download_dir, tail, a.destination())
+        if outcome.no_space:
+            a.clear_partials()
+            self._fail(REASON_NO_SPACE, "Failed to write video file: No space left on device")
+        elif outcome.file is None:
+            self._fail(REASON_ERROR, outcome.error or "unknown error")
+        elif self._title_accepted(a, outcome.file):
+            a.start_post(outcome.file)
+
+    def _title_accepted(self, a: Attempt, file) -> bool:
+        """Compare the site's title (in the file's name) with the selected one and apply
+        [downloader] on_title_mismatch; False when the attempt ended here."""
+        a.check_title(file)
+        policy = self.config.downloader.on_title_mismatch
+        if not a.title_mismatch or policy == "ignore":
+            return True
+        site = a.site[0] if a.site else None
+        if policy == "fail":
+            a.clear_partials()
+            self._fail(REASON_INVALID, f"Downloaded show is not the selected one: the site "
+                       f"calls it {site!r}, selected_title is {a.job.selected_title!r} "
+                       "([downloader] on_title_mismatch = \"fail\")")
+            return False
+        log.warning(kv("downloaded show is not the selected one", site_title=site,
+                       selected_title=a.job.selected_title, **self.ctx))
+        return True
 
     def _after_post(self, a: Attempt) -> None:
         post = a.post
@@ -376,7 +456,9 @@ class Worker:
         a.phase = "awaiting_commit"
         self.report(JobFinished(worker_id=self.worker_id, session=self.session,
                                 job_id=a.job.job_id, attempt=a.job.attempt, ext=post.ext,
-                                size_bytes=post.size, duration_seconds=post.duration))
+                                size_bytes=post.size, duration_seconds=post.duration,
+                                site_title=a.site[0] if a.site else None,
+                                title_mismatch=a.title_mismatch))
 
     def _fail(self, reason: str, error: str, argv: list[str] | None = None) -> None:
         a = self.attempt

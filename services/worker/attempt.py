@@ -33,7 +33,7 @@ from shared import layout
 from shared.config import Config
 from shared.lifecycle import kv
 from shared.protocol import JobAssign
-from services.worker import download
+from services.worker import download, rename, shims, titles
 from services.worker.progress import OutputTail, Progress, ProgressParser
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 OUTPUT_READ_SECONDS = 0.1
 BIG_READ = 32 * 1024  # a read this large: read again at once, the writer is chatty
 LOCK_FILE = ".lock"  # flock of the attempt; holds "<pgid> <start time>" of its ani-cli
+# ani-cli's die(): "\33[2K\r\033[1;31m<message>\033[0m" on stderr. Every failure of the
+# script prints it; its INT/HUP/TERM trap exits 1 without it.
+DIE_MARK = b"\x1b[1;31m"
 
 _warned_no_ffmpeg = False
 
@@ -85,6 +88,13 @@ class Attempt:
     exit_fd: int | None = None  # pidfd of ani-cli: readable once it has exited
     read_due: float = 0.0  # monotonic time from which ani-cli's output is polled again
     worker_id: str = ""  # for the log lines
+    tools: shims.Shims | None = None  # the downloader wrappers (None: ani-cli's own PATH)
+    died: bool = False  # ani-cli printed a die() message
+    _stderr_edge: bytes = b""  # the last bytes of stderr, for a mark split across reads
+    site: tuple[str, str] | None = None  # (site title, episode) from the file's name
+    title_mismatch: bool = False
+    exit_seen_at: float | None = None  # monotonic: ani-cli's exit looked like a stop
+    _exit_code: int | None = None
 
     @cached_property
     def private_dir(self) -> Path:
@@ -100,10 +110,15 @@ class Attempt:
         return dict(worker_id=self.worker_id or None, job_id=j.job_id, anime_id=j.anime_id,
                     episode=j.episode, attempt=j.attempt)
 
+    @cached_property
+    def query(self) -> str:
+        """The title made search-safe (services/worker/titles.py)."""
+        return titles.search_query(self.job.anime_title)
+
     def argv(self) -> list[str]:
         d = self.config.downloader
         return download.build_argv(d.command, self.job.selected_index, self.job.episode,
-                                   d.extra_args, self.job.anime_title)
+                                   d.extra_args, self.query)
 
     # --- starting -----------------------------------------------------------
 
@@ -129,7 +144,7 @@ class Attempt:
         d = self.config.downloader
         argv = self.argv()
         env = download.build_env(_base_env(), self.download_dir, self.private_dir,
-                                 self.job.rate_limit_bps)
+                                 self.job.rate_limit_bps, self.tools)
         try:
             self.proc = download.start(argv, self.download_dir, env)
         except FileNotFoundError as exc:
@@ -139,7 +154,8 @@ class Attempt:
         self.exit_fd = download.exit_fd(self.proc)
         _record_group(self.lock_fd, self.proc.pid)
         self.deadline = time.monotonic() + d.timeout_seconds
-        log.info(kv("ani-cli started", pid=self.proc.pid, argv=argv,
+        log.info(kv("ani-cli started", pid=self.proc.pid, argv=argv, title=self.job.anime_title,
+                    query=self.query, rate_limit_bps=self.job.rate_limit_bps or None,
                     **self.context))
 
     # --- while running ------------------------------------------------------
@@ -202,6 +218,21 @@ class Attempt:
                 self.max_percent = max(self.max_percent or 0.0, figure.percent)
             self._new_download = figure.done
         self.tails[stream].feed(chunk)
+        if stream == "stderr" and not self.died:
+            seen = self._stderr_edge + chunk
+            self.died = DIE_MARK in seen
+            self._stderr_edge = seen[-(len(DIE_MARK) - 1):]
+
+    def destination(self) -> str | None:
+        """Where the downloader said it writes (yt-dlp's ``[download] Destination:``)."""
+        return self.parsers["stdout"].destination or self.parsers["stderr"].destination
+
+    def check_title(self, file: Path) -> None:
+        """Read the site's title from the file's name and compare it with the selection."""
+        self.site = titles.site_title(str(file.relative_to(self.download_dir)))
+        selected = self.job.selected_title
+        self.title_mismatch = bool(self.site and selected
+                                   and not titles.same_show(selected, self.site[0]))
 
     def progress(self) -> tuple[float | None, float | None, float | None]:
         """(percent, speed_bps, eta_seconds) for the heartbeat. The percent is the running max
@@ -230,6 +261,8 @@ class Attempt:
 
     def exited(self) -> int | None:
         """ani-cli's exit code once it ended (its pipes drained), else None."""
+        if self._exit_code is not None:
+            return self._exit_code
         if self.proc is None or self.proc.poll() is None:
             return None
         # Whatever it left running in its group (a stray child holding our pipes) goes too.
@@ -238,7 +271,8 @@ class Attempt:
         for pipe in (self.proc.stdout, self.proc.stderr):
             if pipe and not pipe.closed:
                 pipe.close()
-        return self.proc.returncode
+        self._exit_code = self.proc.returncode
+        return self._exit_code
 
     def bytes_written(self) -> int:
         latest = self.latest
@@ -304,19 +338,20 @@ class Attempt:
         assert self.post is not None and self.post.staged is not None
         target = Path(video_path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        write_metadata(self.config.storage_dir, self.job, target, self.post.duration)
         try:
             os.link(self.post.staged, target)
         except FileExistsError:
             if not os.path.samefile(self.post.staged, target):
                 raise
         except OSError:
-            # A filesystem without hard links (some SMB mounts): rename, after checking.
-            if target.exists():
-                raise FileExistsError(target) from None
-            os.rename(self.post.staged, target)
+            # A filesystem without hard links (some SMB mounts): rename, never replacing.
+            rename.rename_noreplace(self.post.staged, target,
+                                    metadata_lock(self.config.storage_dir, self.job.anime_id))
         self.post.staged.unlink(missing_ok=True)
         _fsync_dir(target.parent)
+        # Only now: metadata.json never lists an episode whose link failed.
+        write_metadata(self.config.storage_dir, self.job, target, self.post.duration,
+                       self.site[0] if self.site else None, self.title_mismatch)
 
     def discard(self, keep_partials: bool) -> None:
         """Remove what this attempt leaves: everything, or only the staged file."""
@@ -445,13 +480,21 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def write_metadata(storage_dir: Path, job: JobAssign, video: Path, duration: float | None) -> None:
-    """Create or update ``videos/<mal_id>/metadata.json`` atomically, one writer at a time."""
+def metadata_lock(storage_dir: Path, anime_id: int) -> Path:
+    """The lock file of an anime's landings and metadata.json (not where the transcriber looks)."""
+    lock_dir = layout.in_progress_root(storage_dir) / ".locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    return lock_dir / f"metadata-{anime_id}.lock"
+
+
+def write_metadata(storage_dir: Path, job: JobAssign, video: Path, duration: float | None,
+                   site_title: str | None = None, title_mismatch: bool = False) -> None:
+    """Create or update ``videos/<mal_id>/metadata.json`` atomically, one writer at a time.
+    Each episode records the site's title its file was named after (as the site sends it)
+    and whether it differs from ``selected_title``."""
     path = layout.metadata_path(storage_dir, job.anime_id)
     path.parent.mkdir(parents=True, exist_ok=True)
-    lock_dir = layout.in_progress_root(storage_dir) / ".locks"  # not where the transcriber looks
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    lock_fd = os.open(lock_dir / f"metadata-{job.anime_id}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    lock_fd = os.open(metadata_lock(storage_dir, job.anime_id), os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX)
         try:
@@ -462,7 +505,8 @@ def write_metadata(storage_dir: Path, job: JobAssign, video: Path, duration: flo
                      "selected_index": job.selected_index, "selected_title": job.selected_title,
                      "confidence": job.confidence})
         episodes = data.setdefault("episodes", {})
-        episodes[str(job.episode)] = {"file": video.name, "duration_seconds": duration}
+        episodes[str(job.episode)] = {"file": video.name, "duration_seconds": duration,
+                                      "site_title": site_title, "title_mismatch": title_mismatch}
         tmp = path.with_name(f".metadata.json.{os.getpid()}.tmp")
         # No indent: json's C encoder works only without one (a 1,000-episode series took
         # ~10 ms per landing with indent=2 in the pure-Python encoder).

@@ -13,35 +13,45 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import stat
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from shared.layout import PARTIAL_SUFFIXES
+from services.worker import shims
 
 NO_SPACE_MARKERS = ("No space left on device", "[Errno 28]", "ENOSPC")
 KILL_GRACE_SECONDS = 3.0
 
 
 def build_argv(command: str, selected_index: int, episode: int, extra_args: tuple[str, ...],
-               title: str) -> list[str]:
-    """The exact argument list: the title is one argv element, whatever it contains."""
-    return [command, "-S", str(selected_index), "-e", str(episode), "-d", *extra_args, title]
+               query: str) -> list[str]:
+    """The exact argument list: the query is one argv element, whatever it contains."""
+    return [command, "-S", str(selected_index), "-e", str(episode), "-d", *extra_args, query]
 
 
 def build_env(base: dict[str, str], download_dir: Path, hist_dir: Path,
-              rate_limit_bps: int) -> dict[str, str]:
+              rate_limit_bps: int, tools: shims.Shims | None = None) -> dict[str, str]:
+    """ani-cli's environment: download mode into the private directories, no terminal
+    (TERM=dumb: with TERM unset every tput call prints an error), a menu program that
+    exists and fails loudly (so fzf is not required), and the downloader controlled
+    through the wrappers on PATH, never through ANI_CLI_PLAYER_FLAGS (ani-cli passes
+    only its first word on)."""
     env = dict(base)
     env["ANI_CLI_PLAYER"] = "download"
     env["ANI_CLI_DOWNLOAD_DIR"] = str(download_dir)
     env["ANI_CLI_HIST_DIR"] = str(hist_dir)
+    env["TERM"] = "dumb"
+    env.pop("ANI_CLI_PLAYER_FLAGS", None)
+    env.pop(shims.ENV_UNDER_YTDLP, None)
+    if tools is not None:
+        env["ANI_CLI_MENU"] = str(tools.menu)
+        env.update(tools.tools(base.get("PATH", os.defpath)))
     if rate_limit_bps > 0:
-        # ani-cli expands the variable unquoted: plain words, split on white space.
-        # yt-dlp applies --limit-rate to each fragment download, and ani-cli asks for
-        # 16 at once (-N 16): a later -N 1 makes the limit the total.
-        flags = env.get("ANI_CLI_PLAYER_FLAGS", "").split()
-        flags += ["-N", "1", "--limit-rate", str(rate_limit_bps)]
-        env["ANI_CLI_PLAYER_FLAGS"] = " ".join(flags)
+        env[shims.ENV_RATE] = str(int(rate_limit_bps))
+    else:
+        env.pop(shims.ENV_RATE, None)
     return env
 
 
@@ -71,8 +81,21 @@ def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
         pass
 
 
+def reap(proc: subprocess.Popen, timeout: float = 2.0) -> None:
+    """Kill ani-cli's group and wait for ani-cli itself, so no zombie is left behind."""
+    kill_group(proc)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pass
+    for pipe in (proc.stdout, proc.stderr):
+        if pipe is not None and not pipe.closed:
+            pipe.close()
+
+
 def bytes_in(directory: Path) -> int:
-    """Bytes written so far in a download directory (the fallback progress)."""
+    """Bytes written so far under a download directory (the fallback progress); a
+    subdirectory is there when the site's title has a ``/`` in it."""
     total = 0
     try:
         with os.scandir(directory) as entries:
@@ -80,6 +103,8 @@ def bytes_in(directory: Path) -> int:
                 try:
                     if entry.is_file(follow_symlinks=False):
                         total += entry.stat(follow_symlinks=False).st_size
+                    elif entry.is_dir(follow_symlinks=False):
+                        total += bytes_in(Path(entry.path))
                 except OSError:
                     continue
     except OSError:
@@ -99,21 +124,42 @@ class Outcome:
     no_space: bool = False
 
 
-def judge(exit_code: int, download_dir: Path, output_tail: str) -> Outcome:
-    """Apply the rules: exit 0 AND exactly one finished non-empty file, no leftovers."""
+def files_under(directory: Path) -> list[tuple[str, int]]:
+    """(name relative to ``directory``, size) of every regular file below it, sorted. A
+    file that vanishes while it is listed (a downloader's temporary file) is left out."""
+    found = []
+    for root, _dirs, names in os.walk(directory):
+        for name in names:
+            path = os.path.join(root, name)
+            try:
+                st = os.stat(path, follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                found.append((os.path.relpath(path, directory), st.st_size))
+    return sorted(found)
+
+
+def judge(exit_code: int, download_dir: Path, output_tail: str,
+          destination: str | None = None) -> Outcome:
+    """Apply the rules: exit 0 AND exactly one finished non-empty file, no leftovers,
+    anywhere under the download directory (``dl/Fate/Zero Episode 1.mp4`` for a site
+    title with a ``/``). ``destination`` is where the downloader said it would write."""
     no_space = any(marker in output_tail for marker in NO_SPACE_MARKERS)
     if exit_code != 0:
         error = f"ani-cli returned non-zero exit code: {exit_code}"
         return Outcome(None, _with_tail(error, output_tail), no_space)
-    try:
-        names = sorted(p.name for p in download_dir.iterdir() if p.is_file())
-    except OSError:
-        names = []
-    partial = [n for n in names if is_partial(n)]
-    finished = [n for n in names if not is_partial(n) and (download_dir / n).stat().st_size > 0]
+    files = files_under(download_dir)
+    partial = [n for n, _ in files if is_partial(os.path.basename(n))]
+    finished = [n for n, size in files if size > 0 and not is_partial(os.path.basename(n))]
     if len(finished) == 1 and not partial:
         return Outcome(download_dir / finished[0], None)
-    detail = f" (found: {', '.join(names)})" if names else ""
+    details = []
+    if files:
+        details.append(f"found: {', '.join(n for n, _ in files)}")
+    if destination:
+        details.append(f"the downloader's destination: {destination}")
+    detail = f" ({'; '.join(details)})" if details else ""
     error = f"Downloaded video not found in expected location{detail}"
     return Outcome(None, _with_tail(error, output_tail), no_space)
 

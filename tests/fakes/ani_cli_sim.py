@@ -11,27 +11,55 @@ Command line (as ani-cli parses it)
                         ``-S`` a single result is taken; several results would
                         open fzf, so the simulation dies ``Invalid anime selection``.
 ``-e/--episode/-r/--range E``  a single episode number (``-1`` = last episode).
-                        No ``-e`` at all or an empty value: ``Invalid episode!``;
-                        anything but an integer (ranges included): ``Invalid range!``;
-                        outside 1..episodes: ``Episode not released!``.
+                        No ``-e`` at all or an empty value: the menu is asked (a
+                        single episode is taken as it is), nothing chosen: ``Invalid
+                        episode selection``; anything that is not exactly one of the
+                        numbers 1..episodes: ``Invalid episode!``; a range (``1-3``):
+                        ``Invalid range!`` (DEVIATION: the real one downloads each).
 ``-d/--download``       download (same as ``ANI_CLI_PLAYER=download``).
 ``-q/--quality Q``      accepted; unless Q is ``best``/``worst`` or a substring of
                         one of the qualities (default 1080, 720, 480, 360), warns
                         ``<Q> not found, defaulting to best`` on stderr and goes on.
-``--dub -c/--continue -v/--vlc --skip --no-detach --exit-after-play -N --rofi -U``
-                        accepted and ignored (``--skip-title`` eats its argument).
+``--dub -c/--continue -v/--vlc --skip --no-detach --exit-after-play -N -U``
+                        accepted and ignored (``--skip-title`` eats its argument);
+                        ``--rofi``/``--dmenu`` choose the menu program.
 ``-V/--version``        prints ``5.0.0``, exit 0.
 A flag that needs a value but is last: ``missing argument!`` (exit 1).
-Every other word (``--frobnicate`` too) is a word of the search query; words
-are joined with single spaces.
+Every other word (``--frobnicate`` too) is a word of the search query. The query
+is built as ani-cli builds it and goes where it goes: the words joined with ``+``
+(line 499) into ``https://anidb.app/browse?q=<query>``, through curl's URL globbing
+(a ``[a-b]`` range or ``{x,y}`` set expands into several requests whose results are
+joined, any other bracket or brace or a control character: curl fails, ``No results
+found!``; ``#`` starts the fragment), then read by the site (``&`` ends ``q``, ``+``
+is a space, ``%XX`` decoded) and compared with each catalog ``query`` ignoring case,
+punctuation and white space, as a search engine would.
 
-Order of checks (each one ``die``s: red on stderr, exit 1):
-  flag errors -> ``No player found`` (neither ``-d`` nor ``ANI_CLI_PLAYER=download``)
-  -> ``missing argument!`` (empty query; DEVIATION: the real one loops for ever
-  reading stdin, the simulation dies instead) -> ``No results found!`` (no
-  catalog, unreadable catalog, unknown query) -> ``Invalid anime selection``
-  -> ``Invalid episode!`` / ``Invalid range!`` / ``Episode not released!``
-  -> behaviour ``fail`` / ``fail_times``.
+Order of checks (each one ``die``s: red on stderr, exit 1), as in the real script:
+  ``No player found. Looked for mpv and vlc`` (``ANI_CLI_PLAYER`` unset and no
+  mpv/vlc on PATH, ``-d`` or not: line 410) -> flag errors (``missing argument!``)
+  -> ``Program <menu> not found. Please install it.`` (the menu program:
+  ``ANI_CLI_MENU``, default fzf; with stdin not a terminal an installed dmenu or
+  rofi replaces it, lines 417-424; ``command -v`` must find it even though no menu
+  opens with ``-S`` and ``-e``) -> ``Neither yt-dlp nor ffmpeg found`` (download
+  mode) -> the trap is set -> empty query: with fzf ``missing argument!``
+  (DEVIATION: the real one loops for ever reading stdin), with another menu program
+  the query is asked from it, none: exit 1 without a message -> ``No results
+  found!`` (no catalog, unreadable catalog, unknown query, curl's refusal) ->
+  ``Invalid anime selection`` -> ``Invalid episode selection`` / ``Invalid
+  episode!`` / ``Invalid range!`` -> behaviour ``fail`` / ``fail_times``.
+A menu program other than fzf, rofi and dmenu is really run when a choice is
+missing (``"$menu" "<prompt>"``, the choices on stdin), so a worker's menu that
+fails loudly shows its message.
+
+Signals: until the trap is set (after the dependency checks) INT/HUP/TERM end the
+script (killed by the signal). Then ``trap 'cleanup; exit 1' INT HUP TERM``: exit 1
+WITHOUT a die message; like sh, a signal that comes while a downloader (``hls_url``)
+runs in the foreground is acted on only once it has ended, so a SIGTERM to the
+script alone leaves yt-dlp running to its end.
+
+With ``TERM`` unset, the two ``tput`` calls before the download (lines 570-572) and
+the one of the trap's cleanup each print ``tput: No value for $TERM and no -T
+specified`` on stderr (``TERM=dumb``: nothing).
 ``die`` prints ``\\033[2K\\r\\033[1;31m<message>\\033[0m\\n`` to stderr, exactly
 like ani-cli's ``die()``.
 
@@ -93,8 +121,8 @@ Effective behaviour = ``defaults``, overridden key by key by the result's
                   and exits 0 without renaming (a truncated download).
 ``hang``          true: writes the first half into ``<name>.part`` then sleeps
                   for ever, file still open (a stalled download). SIGTERM ends it
-                  (exit 143). ``"ignore_term"``: SIGTERM is ignored too, only
-                  SIGKILL ends it.
+                  (the trap: exit 1). ``"ignore_term"``: SIGTERM is ignored too,
+                  only SIGKILL ends it.
 ``spawn_child``   true: before downloading, starts ``sleep 1000`` (stdin
                   /dev/null, stdout/stderr inherited, same process group) and
                   logs its pid (run-log event ``child``). It is NOT killed when
@@ -103,7 +131,7 @@ Effective behaviour = ``defaults``, overridden key by key by the result's
 ``stderr_lines``  list of strings printed to stderr just before exiting (before
                   the die message when the run dies).
 ``exit_code``     int, exit code instead of 0 (a crash of ani-cli itself); not
-                  used when the run dies (always 1) or is terminated (143).
+                  used when the run dies or is terminated (always 1).
 ``hls_url``       URL (``{episode}`` is replaced by the episode number): instead
                   of writing bytes, does what ani-cli v5 does (lines 299-302):
                   ``yt-dlp URL --no-skip-unavailable-fragments --fragment-retries
@@ -119,7 +147,8 @@ Effective behaviour = ``defaults``, overridden key by key by the result's
                   PATH for its HLS fix-up, as a real ani-cli user has it.
                   ``$ANI_CLI_PLAYER_FLAGS`` is split on whitespace (the shell's
                   word splitting of an unquoted variable: quotes in it are NOT
-                  interpreted, exactly like the real script).
+                  interpreted) and only its FIRST word reaches the downloader
+                  (``$3`` of ``download()``), exactly like the real script.
 
 Writing mimics yt-dlp: ``[download] Destination: <path>``, then ``<name>.part``
 written in chunks and renamed to ``<name>`` at the end; progress lines on stdout
@@ -130,8 +159,8 @@ redrawn with ``\\r``::
 
 Any OSError while writing (ENOSPC...) prints ``ERROR: unable to write data: <exc>``
 on stderr (e.g. ``[Errno 28] No space left on device``), leaves the ``.part``
-as it is and exits 0. SIGTERM/SIGINT at any time exits 143/130 promptly,
-leaving the ``.part`` (an interrupted yt-dlp).
+as it is and exits 0. A trapped signal while it writes exits 1 promptly, leaving
+the ``.part`` (an interrupted yt-dlp).
 
 Environment
 -----------
@@ -180,9 +209,11 @@ import json
 import os
 import shutil
 import signal
+import re
 import subprocess
 import sys
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -200,7 +231,7 @@ FLAGS_WITH_VALUE = {
 }
 IGNORED_FLAGS = {
     "-c", "--continue", "-v", "--vlc", "--skip", "--no-detach",
-    "--exit-after-play", "-N", "--nextep-countdown", "--rofi", "-U", "--update",
+    "--exit-after-play", "-N", "--nextep-countdown", "-U", "--update",
 }
 
 
@@ -228,6 +259,7 @@ class Options:
     download: bool = False
     dub: bool = False
     version: bool = False
+    menu: Optional[str] = None  # --rofi / --dmenu
     error: Optional[str] = None
 
     @property
@@ -379,6 +411,8 @@ def log_base(argv: List[str], opts: Options, env: Dict[str, str]) -> Dict[str, A
         "player": env.get("ANI_CLI_PLAYER"),
         "hist_dir": env.get("ANI_CLI_HIST_DIR"),
         "player_flags": env.get("ANI_CLI_PLAYER_FLAGS"),
+        "menu": env.get("ANI_CLI_MENU"),
+        "term": env.get("TERM"),
         "download": opts.download,
         "quality": opts.quality,
         "dub": opts.dub,
@@ -410,22 +444,131 @@ def parse_args(argv: List[str]) -> Options:
             opts.dub = True
         elif word in ("-V", "--version"):
             opts.version = True
+        elif word in ("--rofi", "--dmenu"):
+            opts.menu = word[2:]
         elif word not in IGNORED_FLAGS:
             opts.query_words.append(word)
         i += 1
     return opts
 
 
-def require_player(opts: Options, env: Dict[str, str]) -> None:
-    if not (opts.download or env.get("ANI_CLI_PLAYER") == "download"):
-        raise Die("No player found")
+def require_player(env: Dict[str, str]) -> None:
+    """Line 410, before the flags are parsed: without ``ANI_CLI_PLAYER`` a player must
+    be installed, ``-d`` or not."""
+    if env.get("ANI_CLI_PLAYER"):
+        return
+    if not any(shutil.which(p, path=env.get("PATH")) for p in ("mpv", "vlc")):
+        raise Die("No player found. Looked for mpv and vlc")
+
+
+def menu_program(opts: Options, env: Dict[str, str]) -> str:
+    """Lines 417-424 and the flags: ``ANI_CLI_MENU`` or fzf; with stdin not a terminal
+    an installed dmenu, then rofi, replaces it; ``--rofi``/``--dmenu`` replace that."""
+    menu = env.get("ANI_CLI_MENU") or "fzf"
+    if not sys.stdin or not sys.stdin.isatty():
+        for program in ("dmenu", "rofi"):
+            if shutil.which(program, path=env.get("PATH")):
+                menu = program
+    return opts.menu or menu
+
+
+def check_dependencies(menu: str, env: Dict[str, str], downloading: bool) -> None:
+    """Lines 507-519: ``dep_ch "$menu_program"`` even when no menu will open, then the
+    downloader of download mode."""
+    if not _command_v(menu, env):
+        raise Die("Program %s not found. Please install it." % menu)
+    if downloading and not any(_command_v(p, env) for p in ("yt-dlp", "ffmpeg")):
+        raise Die("Neither yt-dlp nor ffmpeg found")
+
+
+def _command_v(name: str, env: Dict[str, str]) -> bool:
+    """The shell's ``command -v``: a path names an executable file, a name is looked up."""
+    if "/" in name:
+        return os.path.isfile(name) and os.access(name, os.X_OK)
+    return shutil.which(name, path=env.get("PATH")) is not None
+
+
+def run_menu(menu: str, prompt: str, lines: List[str]) -> str:
+    """``nth``'s menu: ``"$menu_program" "$1"`` with the choices on stdin (fzf, rofi and
+    dmenu cannot run here: nothing is chosen). Returns its first line of output."""
+    if menu in ("fzf", "rofi", "dmenu"):
+        return ""
+    try:
+        res = subprocess.run([menu, prompt], input="\n".join(lines).encode(),
+                             stdout=subprocess.PIPE, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return res.stdout.decode("utf-8", "replace").split("\n", 1)[0] if res.returncode == 0 else ""
+
+
+def tput(env: Dict[str, str], count: int) -> None:
+    """``tput`` with TERM unset prints an error each time (TERM=dumb: silently nothing)."""
+    if not env.get("TERM"):
+        for _ in range(count):
+            eprint("tput: No value for $TERM and no -T specified")
 
 
 # --------------------------------------------------------------------------- catalog
 
 
 def normalise(text: str) -> str:
-    return " ".join(text.split()).casefold()
+    """How the site's search compares: case, punctuation and white space do not count."""
+    return " ".join("".join(c if c.isalnum() else " " for c in text.casefold()).split())
+
+
+class CurlError(Exception):
+    """curl refused the URL (exit 3): ani-cli's search then finds nothing."""
+
+
+def ani_cli_query(words: List[str]) -> str:
+    """Line 499 (each word: ``"$query $1" | sed 's|^ ||;s| |+|g'``) and line 552."""
+    query = ""
+    for word in words:
+        joined = "\n".join(line[1:] if line.startswith(" ") else line
+                           for line in ("%s %s" % (query, word)).split("\n"))
+        query = joined.replace(" ", "+").rstrip("\n")  # $(...) drops trailing newlines
+    return query
+
+
+_RANGE = re.compile(r"\[(\d+-\d+|[a-z]-[a-z]|[A-Z]-[A-Z])(:\d+)?\]")
+
+
+def curl_urls(url: str) -> List[str]:
+    """What curl does to a URL with globbing on: ``[a-b]`` ranges and ``{x,y}`` sets
+    expand into several URLs, any other bracket or brace is an error (exit 3, like a
+    control character); then ``#`` starts the fragment, which is not sent."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in url):
+        raise CurlError("URL using bad/illegal format or missing URL")
+    urls = [url]
+    while True:
+        expanded = []
+        for u in urls:
+            m = _RANGE.search(u)
+            b = re.search(r"\{([^{}\[\]]*)\}", u)
+            if m is None and b is None:
+                expanded.append(u)
+                continue
+            if m is not None and (b is None or m.start() < b.start()):
+                lo, hi = m.group(1).split("-")
+                values = ([str(i) for i in range(int(lo), int(hi) + 1)] if lo.isdigit()
+                          else [chr(c) for c in range(ord(lo), ord(hi) + 1)])
+                expanded += [u[:m.start()] + v + u[m.end():] for v in values]
+            else:
+                expanded += [u[:b.start()] + v + u[b.end():] for v in b.group(1).split(",")]
+        if expanded == urls:
+            break
+        urls = expanded
+    for u in urls:
+        if any(c in u for c in "[]{}"):
+            raise CurlError("bad range in URL")
+    return [u.split("#", 1)[0] for u in urls]
+
+
+def searched_for(url: str) -> str:
+    """What the site reads as the query: the ``q`` parameter, ``+`` a space, ``%XX``
+    decoded, an ``&`` ending it."""
+    query = url.split("?", 1)[1] if "?" in url else ""
+    return (urllib.parse.parse_qs(query, keep_blank_values=True).get("q") or [""])[0]
 
 
 def load_catalog(env: Dict[str, str]) -> Dict[str, Any]:
@@ -445,6 +588,7 @@ def load_catalog(env: Dict[str, str]) -> Dict[str, Any]:
 
 
 def search(catalog: Dict[str, Any], query: str) -> List[Dict[str, Any]]:
+    """The results of one query the site received (decoded)."""
     wanted = normalise(query)
     for entry in catalog.get("anime", []):
         if normalise(str(entry.get("query", ""))) == wanted:
@@ -452,11 +596,31 @@ def search(catalog: Dict[str, Any], query: str) -> List[Dict[str, Any]]:
     return []
 
 
-def select_result(results: List[Dict[str, Any]], select: Optional[str]) -> Dict[str, Any]:
+SEARCH_URL = "https://anidb.app/browse?q=%s"
+
+
+def search_like_ani_cli(catalog: Dict[str, Any], words: List[str]) -> List[Dict[str, Any]]:
+    """The query as ani-cli builds it, through curl's globbing, as the site reads it."""
+    try:
+        urls = curl_urls(SEARCH_URL % ani_cli_query(words))
+    except CurlError:
+        return []
+    results: List[Dict[str, Any]] = []
+    for url in urls:  # curl fetches every URL of a glob; ani-cli gets the pages joined
+        results += search(catalog, searched_for(url))
+    return results
+
+
+def select_result(results: List[Dict[str, Any]], select: Optional[str],
+                  menu: str) -> Dict[str, Any]:
+    """Line 556: ``-S N`` is the N-th line of the results; without it ``nth`` takes a
+    single result as it is and asks the menu otherwise."""
     if select is None:
         if len(results) == 1:
             return results[0]
-        raise Die("Invalid anime selection")
+        choice = run_menu(menu, "Select anime: ", ["%d %s" % (i + 1, r.get("title"))
+                                                   for i, r in enumerate(results)])
+        select = choice.split(" ", 1)[0] if choice else ""
     try:
         index = int(select.strip())
     except ValueError:
@@ -466,18 +630,29 @@ def select_result(results: List[Dict[str, Any]], select: Optional[str]) -> Dict[
     return results[index - 1]
 
 
-def parse_episode(value: Optional[str], episodes: int) -> int:
-    if value is None or value == "":
-        raise Die("Invalid episode!")
-    try:
-        number = int(value.strip())
-    except ValueError:
+_EP_START = re.compile(r"^(-1|[0-9]+(\.[0-9]+)?)")
+_EP_END = re.compile(r"(-1|[0-9]+(\.[0-9]+)?)$")
+
+
+def parse_episode(value: Optional[str], episodes: int, menu: str = "fzf") -> int:
+    """Lines 564 and 349-372: no ``-e`` (or an empty one) asks ``nth`` (a single episode
+    is taken as it is), ``-1`` is the last one, anything that is not exactly one of the
+    site's episode numbers is ``Invalid episode!``. DEVIATION: a range (``1-3``,
+    ``"5 6"``) dies ``Invalid range!`` instead of downloading each episode."""
+    if not value:
+        if episodes == 1:
+            return 1
+        value = run_menu(menu, "Select episode: ", [str(i) for i in range(1, episodes + 1)])
+        if not value:
+            raise Die("Invalid episode selection")
+    if value == "-1" and episodes > 0:
+        return episodes
+    start, end = _EP_START.search(value), _EP_END.search(value)
+    if (start and end and start.group(0) != end.group(0)) or "\n" in value:
         raise Die("Invalid range!")
-    if number == -1 and episodes > 0:
-        number = episodes
-    if not 1 <= number <= episodes:
-        raise Die("Episode not released!")
-    return number
+    if value in {str(n) for n in range(1, episodes + 1)}:
+        return int(value)
+    raise Die("Invalid episode!")
 
 
 def effective_behaviour(catalog: Dict[str, Any], result: Dict[str, Any],
@@ -646,6 +821,12 @@ def split_player_flags(raw: Optional[str]) -> List[str]:
     return (raw or "").split()
 
 
+def downloader_flags(raw: Optional[str]) -> List[str]:
+    """What reaches yt-dlp/ffmpeg: line 335 passes the split words to ``download()``,
+    which hands only ``$3``, the FIRST word, to the downloader."""
+    return split_player_flags(raw)[:1]
+
+
 def downloader_commands(url: str, out_path: str, player_flags: List[str]) -> List[List[str]]:
     """ani-cli v5's downloader (lines 299-302): yt-dlp, then the ffmpeg fallback."""
     return [
@@ -697,7 +878,7 @@ def children_env(env: Dict[str, str]) -> Optional[Dict[str, str]]:
 def run_downloaders(url: str, out_path: str, env: Dict[str, str], log: RunLog,
                     record: Record) -> None:
     """``yt-dlp ... || ffmpeg ...``; the result is ignored, like ani-cli does."""
-    flags = split_player_flags(env.get("ANI_CLI_PLAYER_FLAGS"))
+    flags = downloader_flags(env.get("ANI_CLI_PLAYER_FLAGS"))
     child_env = children_env(env)
     record.outcome = "downloader_failed"
     for cmd in downloader_commands(url, out_path, flags):
@@ -710,7 +891,7 @@ def run_downloaders(url: str, out_path: str, env: Dict[str, str], log: RunLog,
         # leaves its downloader running; subprocess.call would kill it.
         child = subprocess.Popen([program] + cmd[1:], env=child_env)
         log.emit("exec", cmd=cmd, program=program, child_pid=child.pid)
-        if child.wait() == 0:
+        if wait_foreground(child) == 0:
             record.outcome = "ok"
             break
     if os.path.isfile(out_path):
@@ -758,24 +939,36 @@ def append_history(env: Dict[str, str], episode: int, ident: str, title: str) ->
 
 
 def run(opts: Options, env: Dict[str, str], log: RunLog, record: Record) -> int:
-    """Everything after flag parsing; raises Die. Returns the exit code."""
+    """Everything after flag parsing, in the real script's order; raises Die (or
+    Terminated, once the trap is set). Returns the exit code."""
+    require_player(env)
     if opts.error:
         raise Die(opts.error)
     if opts.version:
         out(VERSION + "\n")
         record.outcome = "version"
         return 0
-    require_player(opts, env)
+    menu = menu_program(opts, env)
+    check_dependencies(menu, env, opts.download or env.get("ANI_CLI_PLAYER") == "download")
+    set_trap()
+    words = opts.query_words
     if not opts.query.strip():
-        raise Die("missing argument!")
+        if menu == "fzf":
+            raise Die("missing argument!")  # DEVIATION: the real one reads stdin for ever
+        query = run_menu(menu, "Search anime: ", [])
+        if not query:
+            record.outcome = "no_query"
+            return 1  # line 547: exit 1, no message
+        words = [query]
     catalog = load_catalog(env)
-    results = search(catalog, opts.query)
+    results = search_like_ani_cli(catalog, words)
     if not results:
         raise Die("No results found!")
-    result = select_result(results, opts.select)
+    result = select_result(results, opts.select, menu)
     record.title = str(result.get("title", ""))
     log.base["title"] = record.title
-    episode = parse_episode(opts.episode, int(result.get("episodes", 0)))
+    episode = parse_episode(opts.episode, int(result.get("episodes", 0)), menu)
+    tput(env, 2)  # line 570-572: tput cuu1 (&& tput el), tput sc
     record.behaviour = effective_behaviour(catalog, result, episode)
     apply_failures(record.behaviour, record, episode, env)
     check_quality(opts.quality, record.behaviour)
@@ -791,8 +984,37 @@ def print_stderr_lines(record: Record) -> None:
         eprint(str(line))
 
 
+TRAPPED = (signal.SIGINT, signal.SIGHUP, signal.SIGTERM)
+_foreground: List[bool] = [False]  # a downloader runs in the foreground (sh waits for it)
+_pending: List[int] = []
+
+
+def set_trap() -> None:
+    """Line 522, ``trap 'cleanup; exit 1' INT HUP TERM``, set after the dependency
+    checks (before it a signal kills the script). Like sh, a trapped signal that comes
+    while a foreground command runs is acted on once that command has ended: a
+    SIGTERM to the script alone leaves its yt-dlp running to the end."""
+    for signum in TRAPPED:
+        signal.signal(signum, on_signal)
+
+
 def on_signal(signum: int, _frame: Any) -> None:
+    if _foreground[0]:
+        _pending.append(signum)
+        return
     raise Terminated(signum)
+
+
+def wait_foreground(child: "subprocess.Popen[bytes]") -> int:
+    """``child.wait()`` as sh waits for a foreground command, then the deferred trap."""
+    _foreground[0] = True
+    try:
+        code = child.wait()
+    finally:
+        _foreground[0] = False
+    if _pending:
+        raise Terminated(_pending[0])
+    return code
 
 
 def setup_streams() -> None:
@@ -807,8 +1029,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     env = dict(os.environ)
     setup_streams()
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    for signum in TRAPPED:  # until the trap is set, a signal ends the script
+        signal.signal(signum, signal.SIG_DFL)
     opts = parse_args(argv)
     log = RunLog(env.get("ANI_CLI_SIM_LOG"), log_base(argv, opts, env))
     record = Record()
@@ -820,9 +1042,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         sys.stderr.write(die_text(str(exc)))
         sys.stderr.flush()
         record.outcome, record.error, code = "failed", str(exc), 1
-    except Terminated as exc:
+    except Terminated:
         record.outcome = "terminated"
-        code = 128 + exc.signum
+        tput(env, 1)  # the trap's cleanup: tput sgr0
+        code = 1
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     log.emit("end", outcome=record.outcome, exit_code=code, bytes=record.bytes,
              path=record.path, attempt=record.attempt, child_pid=record.child_pid,

@@ -65,6 +65,26 @@ In-process::
         p.wait_for(lambda e: e["segment"] == 1 and e["status"] == 200, timeout=10)
         entries = p.log(slug="one-piece", episode="3", kind="segment")
 
+The site itself (what ani-cli v5 scrapes from ``https://anidb.app``; a ``curl`` on its
+PATH, tests/fakes/curl-shim/curl, sends those requests here). Shows are added with
+``add_show(slug_id, title, episodes, media_slug)``; the responses match the sed
+patterns of ani-cli 82574d2 (line numbers of that script)::
+
+    GET /browse?q=<query>               HTML, one <a href=".../anime/<slug-id>"> with
+                                        <img alt="<title>"> per show whose words
+                                        contain every word of the query (157-165);
+                                        the title HTML-escaped as the site does it
+                                        (&amp; &quot; &#039;)
+    GET /anime/<slug-id>                a page with the MyAnimeList link (168-174)
+    GET /api/frontend/anime/<id>/episodes      [{"id":E,"number":N},...] (177-181)
+    GET /api/frontend/episode/<E>/languages    [{"code":"jpn",...,"embed_url":
+                                        "https:\\/\\/anidb.app\\/embed\\/<E>"}] (184-195);
+                                        [] for an episode added with no source
+    GET /embed/<E>                      a page with file: '<master.m3u8 URL>'
+    GET /master/<media slug>/<ep>/master.m3u8  #EXT-X-STREAM-INF ... RESOLUTION=WxH
+                                        lines, each followed by the absolute URL of
+                                        the media playlist above (yt-dlp fetches it)
+
 As a process (stdlib + an ffmpeg: PATH or imageio-ffmpeg)::
 
     python -m tests.fakes.provider --cache-dir DIR --port-file FILE [--access-log FILE]
@@ -329,6 +349,7 @@ class Provider:
         self._behaviours: dict[tuple[str, str | None], dict[str, Any]] = {}
         self._counters: dict[tuple[str, str, str, int], int] = {}  # (what, slug, ep, seg) -> requests seen
         self._media: dict[float, Media] = {}
+        self._shows: list[Show] = []
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -526,7 +547,8 @@ class Provider:
         try:
             if method == "POST":
                 req.close_connection = True  # its body is not read: do not reuse the connection
-            status, ctype, body, tag, drop = self._route(method, path, entry)
+            site = self._site_route(method, path, parsed.query, entry)
+            status, ctype, body, tag, drop = site or self._route(method, path, entry)
             entry["behaviour"] = tag
             entry["status"] = status
             rate = entry.pop("_rate", None)
@@ -545,6 +567,78 @@ class Provider:
             entry.pop("_rate", None)
             entry["elapsed"] = round(time.time() - started, 4)
             self._record(entry)
+
+    # ---------------------------------------------------------------- the site (anidb.app)
+
+    def add_show(self, slug_id: str, title: str, episodes: int, media_slug: str,
+                 mal_id: int = 0, no_source: Iterable[int] = ()) -> "Show":
+        """A show of the site: ``slug_id`` as in its URLs (``fate-zero-101``: the part after
+        the last ``-`` is its id), its media served from ``/<media_slug>/<ep>/``."""
+        if not _SHOW_RE.match(slug_id):
+            raise ProviderError(f"slug-id {slug_id!r} does not match ani-cli's [a-z0-9-]+-[0-9]+")
+        show = Show(slug_id, title, episodes, media_slug, mal_id, frozenset(no_source))
+        with self._lock:
+            self._shows.append(show)
+        return show
+
+    def _site_route(self, method: str, path: str, query: str,
+                    entry: dict[str, Any]) -> tuple[int, str, bytes, str | None, bool] | None:
+        if method != "GET":
+            return None
+        parts = path.strip("/").split("/")
+        with self._lock:
+            shows = list(self._shows)
+        html_type = "text/html; charset=utf-8"
+        if path == "/browse":
+            entry["kind"] = "search"
+            wanted = _words((urllib.parse.parse_qs(query).get("q") or [""])[0])
+            entry["query"] = " ".join(wanted)
+            hits = [s for s in shows if wanted and set(wanted) <= set(_words(s.title))]
+            return 200, html_type, _search_page(hits), None, False
+        if len(parts) == 2 and parts[0] == "anime":
+            show = next((s for s in shows if s.slug_id == parts[1]), None)
+            if show is None:
+                return 404, html_type, HTML_ERROR_PAGE, None, False
+            page = (f"<html><body><h1>{_escape(show.title)}</h1>\n<a href=\"https://myanimelist.net/"
+                    f"anime/{show.mal_id}/x\">MyAnimeList</a>\n</body></html>\n")
+            return 200, html_type, page.encode(), None, False
+        if len(parts) == 5 and parts[:3] == ["api", "frontend", "anime"] and parts[4] == "episodes":
+            show = next((s for s in shows if str(s.show_id) == parts[3]), None)
+            if show is None:
+                return 404, "application/json", b"[]", None, False
+            body = json.dumps([{"id": show.episode_id(n), "number": n}
+                               for n in range(1, show.episodes + 1)], separators=(",", ":"))
+            return 200, "application/json", body.encode(), None, False
+        if len(parts) == 5 and parts[:3] == ["api", "frontend", "episode"] and parts[4] == "languages":
+            found = self._episode(shows, parts[3])
+            if found is None or found[1] in found[0].no_source:
+                return 200, "application/json", b"[]", None, False
+            embed = f"https://anidb.app/embed/{parts[3]}".replace("/", "\\/")
+            body = f'[{{"code":"jpn","name":"Japanese","embed_url":"{embed}"}}]'
+            return 200, "application/json", body.encode(), None, False
+        if len(parts) == 2 and parts[0] == "embed":
+            found = self._episode(shows, parts[1])
+            if found is None:
+                return 404, html_type, HTML_ERROR_PAGE, None, False
+            show, n = found
+            master = f"{self.base_url}/master/{show.media_slug}/{n}/master.m3u8"
+            page = f"<html><script>\nplayer.setup({{\n  file: '{master}',\n}});\n</script></html>\n"
+            return 200, html_type, page.encode(), None, False
+        if len(parts) == 4 and parts[0] == "master" and parts[3] == "master.m3u8":
+            entry.update(slug=parts[1], episode=parts[2], kind="master")
+            media = f"{self.base_url}/{parts[1]}/{parts[2]}/{PLAYLIST_NAME}"
+            body = ("#EXTM3U\n#EXT-X-STREAM-INF:BANDWIDTH=1400000,RESOLUTION=1280x720\n"
+                    f"{media}\n#EXT-X-STREAM-INF:BANDWIDTH=800000,RESOLUTION=640x360\n{media}?q=360\n")
+            return 200, "application/vnd.apple.mpegurl", body.encode(), None, False
+        return None
+
+    @staticmethod
+    def _episode(shows: list["Show"], episode_id: str) -> tuple["Show", int] | None:
+        for show in shows:
+            for n in range(1, show.episodes + 1):
+                if str(show.episode_id(n)) == episode_id:
+                    return show, n
+        return None
 
     def _route(self, method: str, path: str, entry: dict[str, Any]) -> tuple[int, str, bytes, str | None, bool]:
         if method == "POST":
@@ -729,6 +823,45 @@ class Provider:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+_SHOW_RE = re.compile(r"^[a-z0-9-]+-[0-9]+$")
+
+
+@dataclass(frozen=True)
+class Show:
+    """A show on the site (see ``Provider.add_show``)."""
+    slug_id: str
+    title: str
+    episodes: int
+    media_slug: str
+    mal_id: int = 0
+    no_source: frozenset = frozenset()
+
+    @property
+    def show_id(self) -> int:
+        return int(self.slug_id.rsplit("-", 1)[1])
+
+    def episode_id(self, number: int) -> int:
+        return self.show_id * 1000 + number
+
+
+def _words(text: str) -> list[str]:
+    """How the site's search reads text: words of letters and digits, case ignored."""
+    return "".join(c if c.isalnum() else " " for c in text.casefold()).split()
+
+
+def _escape(text: str) -> str:
+    """HTML-escaped as the site sends titles (ani-cli turns back only &#039; and &quot;)."""
+    return (text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+            .replace('"', "&quot;").replace("'", "&#039;"))
+
+
+def _search_page(shows: list[Show]) -> bytes:
+    items = "".join(f'<div class="item">\n<a href="https://anidb.app/anime/{s.slug_id}" '
+                    f'title="{_escape(s.title)}">\n<img src="/img/{s.show_id}.jpg" '
+                    f'alt="{_escape(s.title)}">\n</a>\n</div>\n' for s in shows)
+    return f"<html><head><title>Browse</title></head><body>\n{items}</body></html>\n".encode()
 
 
 _RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")

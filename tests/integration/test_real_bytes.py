@@ -108,7 +108,8 @@ def test_episodes_land_as_playable_mkv_of_the_source_duration_and_a_bogus_one_fa
     provider.serve_bogus(bogus[2], 1, "playlist")
     system = make(make_system, provider, [*good, bogus], downloader={"retry_backoff_seconds": 0})
     for mal_id, title, _, episodes in good:
-        system.enqueue(mal_id, title, list(range(1, episodes + 1)), selected_index=1)
+        system.enqueue(mal_id, title, list(range(1, episodes + 1)), selected_index=1,
+                       selected_title=f"{title} (site)")
     system.enqueue(bogus[0], bogus[1], [1], selected_index=1, max_retries=1)
 
     result = system.run("anime-downloader", "-c", str(system.config_path), "-w", "3",
@@ -131,7 +132,9 @@ def test_episodes_land_as_playable_mkv_of_the_source_duration_and_a_bogus_one_fa
             assert row["video_size_bytes"] == path.stat().st_size
             assert row["video_duration_seconds"] == pytest.approx(source, abs=0.5), row
             assert meta["episodes"][str(ep)] == {"file": path.name,
-                                                 "duration_seconds": row["video_duration_seconds"]}
+                                                 "duration_seconds": row["video_duration_seconds"],
+                                                 "site_title": f"{meta['title']} (site)",
+                                                 "title_mismatch": False}
             # Every segment of the source crossed the wire, once.
             got = sorted(e["segment"] for e in segments(provider, slug) if e["episode"] == str(ep))
             assert got == list(range(len(provider.prepare(slug, ep).segments))), (mal_id, ep, got)
@@ -200,8 +203,11 @@ def test_total_bandwidth_is_capped_whatever_the_number_of_workers(make_system, p
     provider.wait_for(lambda e: e["segment"] == last, slug=slug, kind="segment", count=workers, timeout=60)
 
     # Every job was handed out with its share, even those assigned before all workers had connected.
-    flags = [r["player_flags"] for r in system.sim_runs("start")]
-    assert flags == [f"-N 1 --limit-rate {cap // workers}"] * workers
+    # The cap reaches yt-dlp through the worker's wrapper, not ANI_CLI_PLAYER_FLAGS (ani-cli
+    # passes only its first word on).
+    assert [r["player_flags"] for r in system.sim_runs("start")] == [None] * workers
+    logs = "".join(system.log(f"worker_{i:02d}") for i in range(1, workers + 1))
+    assert logs.count(f"rate_limit_bps={cap // workers} ") == workers, logs
     rate, window = throughput(provider, slug, workers)
     report(capsys, f"[bandwidth] cap {cap} B/s, {workers} worker(s): the provider served {rate:.0f} B/s "
                    f"({rate / cap:.1%} of the cap) over the {window:.2f} s all of them were downloading")

@@ -68,6 +68,8 @@ class Sim:
         env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
         env.update({
             "ANI_CLI_PLAYER": "download",
+            "ANI_CLI_MENU": "false",  # exists, chooses nothing (what the worker's does)
+            "TERM": "dumb",
             "ANI_CLI_SIM_CATALOG": str(self.catalog_path),
             "ANI_CLI_SIM_LOG": str(self.log),
             "ANI_CLI_DOWNLOAD_DIR": str(self.dl),
@@ -167,17 +169,103 @@ def test_part_file_grows_during_the_run(sim: Sim) -> None:
     assert sim.files() == ["FMA Episode 2.mp4"]
 
 
-def test_d_flag_replaces_player_env(sim: Sim) -> None:
-    res = sim.run("-d", "-S", "1", "-e", "1", FMA_QUERY, ANI_CLI_PLAYER=None)
+def fake_program(directory: Path, name: str, body: str = "exit 0") -> Path:
+    directory.mkdir(exist_ok=True)
+    script = directory / name
+    script.write_text("#!/bin/sh\n%s\n" % body)
+    script.chmod(0o755)
+    return script
+
+
+def test_d_flag_downloads_when_a_player_is_installed(sim: Sim) -> None:
+    path = "%s%s%s" % (fake_program(sim.root / "bin", "mpv").parent, os.pathsep, sim.env()["PATH"])
+    res = sim.run("-d", "-S", "1", "-e", "1", FMA_QUERY, ANI_CLI_PLAYER=None, PATH=path)
     assert res.returncode == 0, res.stderr
     assert sim.files() == ["Fullmetal Alchemist Episode 1.mp4"]
 
 
-@pytest.mark.parametrize("player", [None, "mpv"])
-def test_no_player_found(sim: Sim, player: Optional[str]) -> None:
-    res = sim.run("-S", "1", "-e", "1", FMA_QUERY, ANI_CLI_PLAYER=player)
-    assert (res.returncode, res.stderr) == (1, red("No player found"))
+def test_no_player_found_even_with_d(sim: Sim) -> None:
+    """The player is looked for before the flags are parsed (line 410)."""
+    res = sim.run("-d", "-S", "1", "-e", "1", FMA_QUERY, ANI_CLI_PLAYER=None)
+    assert (res.returncode, res.stderr) == (1, red("No player found. Looked for mpv and vlc"))
     assert sim.files() == []
+
+
+def test_the_menu_program_must_exist_even_when_no_menu_opens(sim: Sim) -> None:
+    """dep_ch "$menu_program" (line 511): fzf, unless ANI_CLI_MENU names a program."""
+    res = sim.run("-S", "1", "-e", "1", FMA_QUERY, ANI_CLI_MENU=None)
+    assert (res.returncode, res.stderr) == (1, red("Program fzf not found. Please install it."))
+    res = sim.run("-S", "1", "-e", "1", FMA_QUERY, ANI_CLI_MENU="/nonexistent/menu")
+    assert (res.returncode, res.stderr) == (1, red("Program /nonexistent/menu not found. Please install it."))
+    assert sim.files() == []
+    res = sim.run("-S", "1", "-e", "1", FMA_QUERY, ANI_CLI_MENU="true")
+    assert res.returncode == 0, res.stderr
+
+
+def test_an_installed_dmenu_replaces_the_menu_without_a_terminal(sim: Sim) -> None:
+    """Lines 421-424: stdin not a terminal and dmenu installed: dmenu must exist, and it
+    does: ANI_CLI_MENU is ignored (harmless with -S and -e)."""
+    path = "%s%s%s" % (fake_program(sim.root / "bin", "dmenu").parent, os.pathsep, sim.env()["PATH"])
+    res = sim.run("-S", "1", "-e", "1", FMA_QUERY, ANI_CLI_MENU="/nonexistent/menu", PATH=path)
+    assert res.returncode == 0, res.stderr
+
+
+def test_the_menu_is_asked_when_a_choice_is_missing(sim: Sim) -> None:
+    menu = fake_program(sim.root / "bin", "menu", 'echo "asked: $*" >&2; exit 1')
+    res = sim.run("-e", "1", FMA_QUERY, ANI_CLI_MENU=str(menu))
+    assert (res.returncode, res.stderr) == (1, "asked: Select anime: \n" + red("Invalid anime selection"))
+    res = sim.run("-S", "1", FMA_QUERY, ANI_CLI_MENU=str(menu))
+    assert (res.returncode, res.stderr) == (1, "asked: Select episode: \n" + red("Invalid episode selection"))
+
+
+def test_without_term_every_tput_complains(sim: Sim) -> None:
+    noise = "tput: No value for $TERM and no -T specified\n"
+    res = sim.run("-S", "1", "-e", "99", FMA_QUERY, TERM=None)
+    assert (res.returncode, res.stderr) == (1, red("Invalid episode!"))  # dies before tput
+    sim.catalog([{"title": "FMA", "episodes": 3, "episode_behaviour": {"2": {"fail": "Nope"}}}])
+    res = sim.run("-S", "1", "-e", "2", FMA_QUERY, TERM=None)
+    assert (res.returncode, res.stderr) == (1, noise * 2 + red("Nope"))
+    res = sim.run("-S", "1", "-e", "2", FMA_QUERY, TERM="dumb")
+    assert (res.returncode, res.stderr) == (1, red("Nope"))
+
+
+@pytest.mark.parametrize("title, catalog_query, found", [
+    ("[Oshi no Ko]", "[Oshi no Ko]", False),  # curl: bad range in URL
+    ("Oshi no Ko", "[Oshi no Ko]", True),  # the site's search ignores punctuation
+    ("Steins;Gate #2", "Steins;Gate 2", False),  # '#' starts the fragment: "Steins;Gate "
+    ("Kiss & Tell", "Kiss & Tell", False),  # '&' ends q: "Kiss "
+    ("Kiss Tell", "Kiss & Tell", True),
+    ("Ep %41", "Ep %41", False),  # the site decodes %41: "Ep A"
+    ("{Show}", "Show", True),  # a set of one: curl fetches "Show"
+    ("[Show]", "Show", False),  # not a range: curl refuses the URL
+])
+def test_the_query_goes_through_curl_and_the_url(sim: Sim, title: str, catalog_query: str,
+                                                 found: bool) -> None:
+    sim.catalog([{"title": "Site Title", "episodes": 1}], query=catalog_query)
+    res = sim.run("-S", "1", "-e", "1", title)
+    assert (res.returncode == 0) is found, res.stderr
+    if not found:
+        assert res.stderr == red("No results found!")
+
+
+def test_the_query_words_are_joined_with_plus() -> None:
+    assert ani_cli_sim.ani_cli_query(["Kiss & Tell", "x"]) == "Kiss+&+Tell+x"
+    assert ani_cli_sim.ani_cli_query(["A+B"]) == "A+B"
+    assert ani_cli_sim.searched_for("https://anidb.app/browse?q=A+B") == "A B"
+    assert ani_cli_sim.searched_for("https://anidb.app/browse?q=Kiss+&+Tell") == "Kiss "
+    assert ani_cli_sim.curl_urls("https://x/?q=ep[1-3]") == [
+        "https://x/?q=ep1", "https://x/?q=ep2", "https://x/?q=ep3"]
+    assert ani_cli_sim.curl_urls("https://x/?q={a,b}#c") == ["https://x/?q=a", "https://x/?q=b"]
+    for bad in ("https://x/?q=[Oshi+no+Ko]", "https://x/?q=a}", "https://x/?q=a\nb"):
+        with pytest.raises(ani_cli_sim.CurlError):
+            ani_cli_sim.curl_urls(bad)
+
+
+def test_a_slash_in_the_site_title_makes_a_subdirectory(sim: Sim) -> None:
+    sim.catalog([{"title": "Fate/Zero", "episodes": 2}], query="Fate/Zero")
+    res = sim.run("-S", "1", "-e", "2", "Fate/Zero")
+    assert res.returncode == 0, res.stderr
+    assert (sim.dl / "Fate" / "Zero Episode 2.mp4").stat().st_size == 1024
 
 
 @pytest.mark.parametrize("select", ["3", "0", "-1", "abc", ""])
@@ -216,19 +304,25 @@ def test_unknown_flags_are_query_words(sim: Sim) -> None:
 
 
 @pytest.mark.parametrize("args, message", [
-    (["-S", "1", FMA_QUERY], "Invalid episode!"),
-    (["-S", "1", "-e", "", FMA_QUERY], "Invalid episode!"),
-    (["-S", "1", "-e", "abc", FMA_QUERY], "Invalid range!"),
+    (["-S", "1", FMA_QUERY], "Invalid episode selection"),
+    (["-S", "1", "-e", "", FMA_QUERY], "Invalid episode selection"),
+    (["-S", "1", "-e", "abc", FMA_QUERY], "Invalid episode!"),
     (["-S", "1", "-e", "1-3", FMA_QUERY], "Invalid range!"),
-    (["-S", "1", "-e", "52", FMA_QUERY], "Episode not released!"),
-    (["-S", "1", "-e", "0", FMA_QUERY], "Episode not released!"),
+    (["-S", "1", "-e", "52", FMA_QUERY], "Invalid episode!"),
+    (["-S", "1", "-e", "0", FMA_QUERY], "Invalid episode!"),
+    (["-S", "1", "-e", "01", FMA_QUERY], "Invalid episode!"),
     (["-S", "1", FMA_QUERY, "-e"], "missing argument!"),
-    (["-S", "1", "-e", "1"], "missing argument!"),
 ])
 def test_episode_and_argument_errors(sim: Sim, args: List[str], message: str) -> None:
     res = sim.run(*args)
     assert (res.returncode, res.stderr) == (1, red(message))
     assert sim.files() == []
+
+
+def test_an_empty_query_asks_the_menu_and_exits_1_in_silence(sim: Sim) -> None:
+    """Line 546: with a menu other than fzf the query comes from the menu; none: exit 1."""
+    res = sim.run("-S", "1", "-e", "1")
+    assert (res.returncode, res.stderr) == (1, "")
 
 
 def test_quality_warning_goes_on(sim: Sim) -> None:
@@ -344,16 +438,38 @@ def test_hang_killed_with_its_group(sim: Sim) -> None:
     assert sim.events("end") == []
 
 
-def test_sigterm_exits_143_leaving_part(sim: Sim) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_a_trapped_signal_exits_1_without_a_message_leaving_part(sim: Sim, signum: int) -> None:
+    """trap 'cleanup; exit 1' INT HUP TERM (line 522): exit 1, not 128+N, and no die()."""
     sim.catalog([{"title": "FMA", "episodes": 3, "behaviour": {"size": 4096, "hang": True}}])
-    proc = sim.popen("-S", "1", "-e", "1", FMA_QUERY)
+    proc = subprocess.Popen([str(SIM), "-S", "1", "-e", "1", FMA_QUERY], env=sim.env(TERM=None),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    sim.procs.append(proc)
     part = sim.dl / "FMA Episode 1.mp4.part"
     wait_for(lambda: part.exists() and part.stat().st_size == 2048)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=5) == 143
+    proc.send_signal(signum)
+    assert proc.wait(timeout=5) == 1
+    noise = "tput: No value for $TERM and no -T specified\n"
+    assert proc.stderr.read().decode() == noise * 3  # cuu1, sc, then the trap's sgr0
     assert sim.files() == ["FMA Episode 1.mp4.part"]
     end = sim.events("end")[0]
-    assert (end["outcome"], end["exit_code"], end["bytes"]) == ("terminated", 143, 2048)
+    assert (end["outcome"], end["exit_code"], end["bytes"]) == ("terminated", 1, 2048)
+
+
+def test_sigterm_to_the_script_alone_waits_for_its_downloader(sim: Sim) -> None:
+    """sh runs a trap only once the foreground command has ended: yt-dlp goes on."""
+    marker = sim.root / "downloader-done"
+    fake_program(sim.root / "bin", "yt-dlp", 'sleep 1; printf x > "%s"; exit 1' % marker)
+    fake_program(sim.root / "bin", "ffmpeg", "exit 1")
+    sim.catalog([{"title": "T", "episodes": 1, "behaviour": {"hls_url": "http://h/{episode}.m3u8"}}])
+    path = "%s%s%s" % (sim.root / "bin", os.pathsep, sim.env()["PATH"])
+    proc = sim.popen("-S", "1", "-e", "1", FMA_QUERY, PATH=path)
+    wait_for(lambda: sim.events("exec"))
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=10) == 1
+    assert marker.exists(), "the script exited before its downloader"
+    assert [e["cmd"][0] for e in sim.events("exec")] == ["yt-dlp"]  # no ffmpeg fallback
 
 
 def test_hang_ignore_term(sim: Sim) -> None:
@@ -388,7 +504,8 @@ def test_hostile_title_is_literal(sim: Sim) -> None:
 
 def test_run_log(sim: Sim) -> None:
     sim.catalog([{"title": "A", "episodes": 3}, {"title": "B", "episodes": 9}])
-    assert sim.run("-S", "2", "-e", "9", FMA_QUERY, ANI_CLI_PLAYER_FLAGS="-q").returncode == 0
+    assert sim.run("-S", "2", "-e", "9", FMA_QUERY, ANI_CLI_PLAYER_FLAGS="-q").returncode == 0, \
+        sim.events()
     assert sim.run("-S", "x", "-e", "1", FMA_QUERY).returncode == 1
     events = sim.events()
     assert [e["event"] for e in events] == ["start", "end", "start", "end"]
@@ -445,12 +562,13 @@ def test_hls_url_runs_ytdlp_then_ffmpeg(sim: Sim) -> None:
     assert res.returncode == 0, res.stderr
     out = str(sim.dl / "T Episode 2.mp4")
     url = "http://h/2/index.m3u8"
+    # Only the first word of ANI_CLI_PLAYER_FLAGS reaches the downloader ($3, line 300)
     assert (sim.root / "yt-dlp.args").read_text().splitlines() == [
         url, "--no-skip-unavailable-fragments", "--fragment-retries", "infinite",
-        "-N", "16", "-o", out, "--limit-rate", "1M"]
+        "-N", "16", "-o", out, "--limit-rate"]
     assert (sim.root / "ffmpeg.args").read_text().splitlines() == [
         "-extension_picky", "0", "-loglevel", "error", "-stats", "-i", url,
-        "-c", "copy", out, "--limit-rate", "1M"]
+        "-c", "copy", out, "--limit-rate"]
     assert [e["cmd"][0] for e in sim.events("exec")] == ["yt-dlp", "ffmpeg"]
     assert Path(out).read_bytes() == b"x"
     end = sim.events("end")[0]

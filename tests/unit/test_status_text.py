@@ -65,10 +65,21 @@ def sample(title: str = "Fullmetal Alchemist: Brotherhood") -> dict:
              "error": "No cached selection for MAL ID 2"},
         ],
         "last_hour": {"downloaded": 12, "bytes": 12 * 480_000_000, "average_size_bytes": 480_000_000},
+        "title_mismatches": [
+            {"id": 21, "anime_id": 10087, "anime_title": "Fate/Zero", "episode": 1,
+             "selected_title": "Fate/Zero", "site_title": "Fate/Zero Season 2", "at": NOW - 30},
+        ],
     }
 
 
 # --------------------------------------------------------------------------- text
+
+
+def test_a_show_that_is_not_the_selected_one_is_shown_with_both_titles() -> None:
+    lines = render_text(sample()).splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("titles"))
+    assert lines[at].startswith("titles     job 21 Fate/Zero ep 1 at ")
+    assert lines[at + 1].strip() == "site 'Fate/Zero Season 2', selected 'Fate/Zero'"
 
 
 def test_the_text_fits_80_columns_and_shows_everything() -> None:
