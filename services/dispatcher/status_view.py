@@ -60,7 +60,9 @@ def worker_state(lease: Lease | None, seen: WorkerSeen, refusal: str | None) -> 
 
 
 def _workers(d: Dispatcher, now: float, refusal: str | None) -> list[dict]:
-    by_owner = {lease.owner: lease for lease in d.leases.values()}
+    # A lease whose ending waits for the database is over for its worker (which may hold
+    # the next job already).
+    by_owner = {lease.owner: lease for lease in d.leases.values() if lease.ending is None}
     workers = []
     for identity, seen in sorted(d.workers.items(), key=lambda kv: kv[1].worker_id):
         lease = by_owner.get(identity)
@@ -99,6 +101,12 @@ def _last_hour(d: Dispatcher, now: float) -> dict:
             "average_size_bytes": total // count if count else None}
 
 
+def _database(d: Dispatcher) -> dict:
+    """Whether the dispatcher can write to jobs.db now (a neighbour may hold its lock)."""
+    return {"busy_since": d.db.busy_since, "error": d.db.error,
+            "pending_writes": d.pending_writes() if d.db.busy_since is not None else 0}
+
+
 def build_status(d: Dispatcher, now: float) -> dict:
     refusal = d.admission.refusal(now)
     return {
@@ -110,4 +118,5 @@ def build_status(d: Dispatcher, now: float) -> dict:
         "disk": _disk(d, now, refusal),
         "recent_failures": list(d.failures),
         "last_hour": _last_hour(d, now),
+        "database": _database(d),
     }

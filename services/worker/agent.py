@@ -21,8 +21,8 @@ from shared.lifecycle import StopRequest, kv
 from shared.protocol import (REASON_DRY_RUN, REASON_ERROR, REASON_HARD_LIMIT, REASON_INTERRUPTED,
                              REASON_NO_SPACE, REASON_TIMEOUT, DiskStateMsg, JobAck, JobAssign,
                              JobCancel, JobCommit, JobFailed, JobFinished, JobHeartbeat,
-                             JobLanded, Message, ProtocolError, WorkerBye, WorkerReady, decode,
-                             encode)
+                             JobLanded, Message, ProtocolError, WorkerBye, WorkerProbe,
+                             WorkerReady, WorkerRefused, decode, encode)
 from shared.sockets import Sockets, waiting
 from services.worker import download
 from services.worker.attempt import Attempt
@@ -32,6 +32,7 @@ DISK_STALE_SECONDS = 5.0
 RESEND_SECONDS = 1.0
 RECONNECT_RETRY_SECONDS = 0.1  # asking for work while the dispatcher is not connected
 STOP_GRACE_SECONDS = 8.0  # well inside supervisord's stopwaitsecs
+REFUSED_LOG_SECONDS = 60.0  # a refused worker keeps asking; it says why once a minute
 # ani-cli ended by SIGTERM/SIGINT: as a signal (Popen's negative codes) or as the
 # shell's 128+N (ani-cli is a shell script; the simulation exits 143/130 too)
 STOP_EXIT_CODES = (-signal.SIGTERM, -signal.SIGINT, 128 + signal.SIGTERM, 128 + signal.SIGINT)
@@ -60,6 +61,7 @@ class Worker:
         self.next_beat = 0.0
         self.stop_deadline: float | None = None
         self.host = socket.gethostname()
+        self.refused_logged_at = -1e9
 
     @property
     def ctx(self) -> dict:
@@ -210,6 +212,13 @@ class Worker:
             self._on_cancel(msg)
         elif isinstance(msg, JobAck):
             self._on_ack(msg)
+        elif isinstance(msg, WorkerRefused):
+            if time.monotonic() - self.refused_logged_at >= REFUSED_LOG_SECONDS:
+                self.refused_logged_at = time.monotonic()
+                log.error(kv("the dispatcher refused this worker; asking again", why=msg.reason,
+                             **self.ctx))
+        elif isinstance(msg, WorkerProbe):
+            pass  # the dispatcher only learns that this session is still connected
         else:
             log.warning(kv("dropped message not meant for a worker", kind=msg.KIND))
 

@@ -65,6 +65,7 @@ def sample(title: str = "Fullmetal Alchemist: Brotherhood") -> dict:
              "error": "No cached selection for MAL ID 2"},
         ],
         "last_hour": {"downloaded": 12, "bytes": 12 * 480_000_000, "average_size_bytes": 480_000_000},
+        "database": {"busy_since": None, "error": None, "pending_writes": 0},
     }
 
 
