@@ -24,6 +24,7 @@ import pytest
 from shared import layout
 from shared.models import CONTRACT_DDL
 from tests.integration.test_crash_safety import pid_alive
+from tests.integration.test_remote_workers import machines  # noqa: F401 (a fixture)
 from tests.system import System, WaitTimeout, wait_for
 
 pytestmark = pytest.mark.slow
@@ -55,7 +56,7 @@ class Neighbour:
         self.go = system.root / "neighbour-go"
         self.proc = subprocess.Popen(
             [sys.executable, "-c", NEIGHBOUR, str(system.db_path), str(hold), str(rounds),
-             str(self.go), str(self.events)], stdin=subprocess.DEVNULL)
+             str(self.go), str(self.events)], stdin=subprocess.DEVNULL, start_new_session=True)
         system.processes.append(self.proc)
 
     def seen(self, event: str) -> int:
@@ -299,3 +300,72 @@ def test_concurrent_anime_enqueue_inserts_every_episode_once(make_system):
     assert sum("queued 19 episode(s)" in o for o in outputs) == 1, outputs
     assert sum("queued 0 episode(s) of MAL ID 51 (20 already present)" in o for o in outputs) == 5
     assert said(), outputs
+
+
+# --- CURVE: a worker id and its routing id belong to the key that used them first ------------
+
+# Another authorised machine (key r2) speaks as worker r1, as a new session of it (which
+# once took r1's lease as a "restart"), asking for work and failing r1's job. Prints the
+# kinds of the answers it got to each.
+IMPOSTOR = r"""
+import json, sys, time, zmq, zmq.auth
+from shared.protocol import JobFailed, WorkerReady, decode, encode
+host, port, secret, server_key = sys.argv[1:5]
+public, secret_key = zmq.auth.load_certificate(secret)
+server_public, _ = zmq.auth.load_certificate(server_key)
+ctx = zmq.Context()
+def ask(identity, msg):
+    sock = ctx.socket(zmq.DEALER)
+    sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = public, secret_key, server_public
+    sock.setsockopt(zmq.ROUTING_ID, identity.encode())
+    sock.connect(f"tcp://{host}:{port}")
+    sock.send_multipart(encode(msg))
+    got, deadline = [], time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if sock.poll(100):
+            got.append(decode(sock.recv_multipart()).KIND)
+            deadline = min(deadline, time.monotonic() + 1)
+    sock.close(linger=0)
+    print(json.dumps({"identity": identity, "got": got}), flush=True)
+ask("r1/ffffffff", WorkerReady(worker_id="r1", session="ffffffff", seq=0))
+ask("r1/eeeeeeee", JobFailed(worker_id="r1", session="eeeeeeee", job_id=1, attempt=1,
+                             reason="error", error="forged"))
+"""
+
+
+def test_another_authorised_machine_cannot_take_a_workers_id_or_its_lease(make_system, machines):
+    from tests.integration.test_remote_workers import (SERVER_IP, keys, output, printed_config,
+                                                       spawn_in, worker_config)
+    from tests.system import BASE_CONFIG, REPO, render_toml
+
+    system = make_system()
+    animes = {61: 2}
+    catalog(system, animes, duration=0.3,
+            behaviour={(61, 1): {"size": 100_000, "duration": 6, "chunk": 4096}})
+    system.enqueue(61, "Show 61", [1, 2], selected_index=1)
+    kdir = system.root / "keys"
+    tables = {t: dict(v) for t, v in BASE_CONFIG.items()}
+    tables.update(printed_config(keys(system, "init", "--dir", str(kdir), "--address", SERVER_IP)))
+    system.config_path.write_text(render_toml(tables))
+    r1_cfg = worker_config(system, "r1", keys(system, "client", "--dir", str(kdir), "--name", "r1",
+                                              "--address", SERVER_IP), kdir, "r1")
+    keys(system, "client", "--dir", str(kdir), "--name", "r2", "--address", SERVER_IP)
+    cfg = str(system.config_path)
+    spawn_in(system, machines.server, "disk-watcher", "anime-disk-watcher", "-c", cfg)
+    spawn_in(system, machines.server, "dispatcher", "anime-dispatcher", "-c", cfg)
+    wait_for(lambda: "dispatcher started" in output(system, "dispatcher"), 15, "the dispatcher")
+    spawn_in(system, machines.remote, "r1", "anime-worker", "-c", str(r1_cfg), "--worker-id", "r1")
+    wait_for(lambda: any(r["episode"] == 1 for r in system.sim_runs("start")), 20,
+             "r1 downloading episode 1")
+    impostor = subprocess.run(
+        [*machines.remote, sys.executable, "-c", IMPOSTOR, SERVER_IP, "5555",
+         str(kdir / "clients" / "r2.key_secret"), str(kdir / "server.key")],
+        cwd=REPO, env=system.env(), capture_output=True, text=True, timeout=60)
+    assert impostor.returncode == 0, impostor.stderr
+    answers = [json.loads(line) for line in impostor.stdout.splitlines()]
+    assert [a["got"] for a in answers] == [["worker.refused"], ["worker.refused", "job.ack"]], answers
+    wait_for(lambda: system.stages() == {"downloaded": 2}, 30, f"r1 done ({system.stages()})")
+    assert [(j["attempt"], j["retry_count"]) for j in system.jobs()] == [(1, 0), (1, 0)]
+    dispatcher_log = output(system, "dispatcher")
+    assert "another CURVE key" in dispatcher_log and "Lease lost" not in dispatcher_log
+    assert len(system.sim_runs("start")) == 2
