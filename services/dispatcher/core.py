@@ -16,9 +16,9 @@ Invariants:
   only then do the lease table, the reservations and the counts change, and only
   then is the worker answered (it re-sends until it is). Every write is guarded
   by id, attempt and stage: a row a neighbour changed is left to it.
-- One worker id, one live session: a second live session of an id in use (or one
-  from another CURVE key) is refused with ``WorkerRefused``; a session that is
-  really gone (no longer connected) loses its lease at once, so restarts stay fast.
+- One worker id, one live session (see sessions.py): a second live session of an
+  id in use, or one from another CURVE key, is refused with ``WorkerRefused``; a
+  session that is really gone loses its lease at once, so restarts stay fast.
 """
 
 from __future__ import annotations
@@ -42,8 +42,12 @@ from shared.protocol import (REASON_DRY_RUN, REASON_ERROR, REASON_HARD_LIMIT, RE
                              REASON_INVALID, REASON_NO_SPACE, REASON_TIMEOUT, DiskMeasure,
                              DiskStateMsg, JobAck, JobAssign, JobCancel, JobCommit, JobFailed,
                              JobFinished, JobHeartbeat, JobLanded, Message,
-                             WorkerBye, WorkerReady, WorkerRefused)
+                             WorkerBye, WorkerReady)
 from services.dispatcher.admission import Admission
+from services.dispatcher.db_health import DbHealth
+from services.dispatcher.leases import (DISPATCHER, FAIL, LAND, REQUEUE, Ending, Lease,
+                                        owner_worker_id, validate)
+from services.dispatcher.sessions import Sessions
 from services.dispatcher.store import ClaimedJob, SqlJobStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -53,7 +57,6 @@ T = TypeVar("T")
 COUNTED_REASONS = (REASON_ERROR, REASON_TIMEOUT)
 UNCOUNTED_REASONS = (REASON_INTERRUPTED, REASON_NO_SPACE, REASON_HARD_LIMIT)
 COUNTS_REFRESH_SECONDS = 300.0  # safety net; changes are seen at once (see _refresh_counts)
-DB_RETRY_SECONDS = 0.5  # after the database refused a write, writes wait this long
 # Requeues that count no retry (interrupted, no space, hard limit) of one job in a row:
 # from the second on the job waits 1 s, 2 s, 4 s ... (at most 60 s) so that it cannot
 # spin (e.g. its private directory still locked by a live attempt) while others run;
@@ -62,9 +65,6 @@ UNCOUNTED_BACKOFF_FIRST = 1.0
 UNCOUNTED_BACKOFF_MAX = 60.0
 INTERRUPTED_CAP = 5
 STREAKS_KEPT = 10_000
-REFUSAL_LOG_SECONDS = 60.0
-DISPATCHER = b""  # the owner of a lease the dispatcher ends itself (an invalid row, a landed file)
-LAND, REQUEUE, FAIL = "land", "requeue", "fail"
 CHANGED_ELSEWHERE = "job changed by another program"
 WORKER_MESSAGES = (WorkerReady, WorkerBye, JobHeartbeat, JobFinished, JobLanded, JobFailed)
 
@@ -78,107 +78,14 @@ class Options:
 
 
 @dataclass
-class Ending:
-    """How a lease ends, kept on it until the write that records it has committed."""
-    kind: str  # LAND | REQUEUE | FAIL
-    error: str | None = None
-    count_retry: bool = False
-    reason: str = ""  # the worker's JobFailed.reason, or why the dispatcher ends it
-    video_path: str = ""
-    size: int = 0
-    duration: float | None = None
-    stages: tuple[str, ...] = (STAGE_DOWNLOADING,)  # where the row may be for LAND
-    settled: str | None = None  # LAND of a file found in place: why (for the log)
-
-
-@dataclass
-class Lease:
-    job: ClaimedJob
-    owner: bytes
-    deadline: float
-    started_at: float
-    bytes: int = 0
-    percent: float | None = None
-    speed_bps: float | None = None
-    eta_seconds: float | None = None
-    state: str = "downloading"
-    committed_path: str | None = None  # set once JobCommit was sent
-    ending: Ending | None = None
-    deadline_dirty: bool = False  # the database has an older deadline (written in batches)
-
-    @property
-    def attempt(self) -> int:
-        return self.job.attempt
-
-
-@dataclass
-class WorkerSeen:
-    worker_id: str
-    host: str
-    last_seen: float
-    state: str = "idle"
-
-
-@dataclass
-class DbHealth:
-    """Whether the database took our last write, and since when it has not."""
-    busy_since: float | None = None
-    error: str | None = None
-    retry_at: float = -1e18
-
-    def usable(self, now: float) -> bool:
-        return now >= self.retry_at
-
-    def failed(self, exc: Exception, now: float, quiet: bool = False) -> None:
-        if self.busy_since is None:
-            self.busy_since = now
-            if not quiet:
-                log.warning(kv("database busy: writes wait and are retried", error=exc))
-        self.error = str(exc)
-        self.retry_at = now + DB_RETRY_SECONDS
-
-    def succeeded(self, now: float) -> None:
-        if self.busy_since is not None:
-            log.info(kv("database writable again", seconds=round(now - self.busy_since, 1)))
-        self.busy_since, self.error, self.retry_at = None, None, -1e18
-
-
-def owner_worker_id(identity: bytes) -> str:
-    return identity.decode("utf-8", "replace").split("/", 1)[0]
-
-
-def validate(job: ClaimedJob) -> str | None:
-    """The reason a claimed row cannot be downloaded, or None."""
-    if job.anime_title is None or not str(job.anime_title).strip():
-        return "Invalid job: anime_title is empty"
-    if job.episode is None or job.episode < 1:
-        return f"Invalid job: episode must be 1 or more, got {job.episode}"
-    if job.selected_index is None:
-        return f"No cached selection for MAL ID {job.anime_id}"
-    if job.selected_index < 1:
-        return (f"Invalid selection for MAL ID {job.anime_id}: selected_index must be 1 or "
-                f"more (1-based), got {job.selected_index}")
-    return None
-
-
-def _always_connected(identity: bytes) -> bool:
-    return True
-
-
-@dataclass
 class Dispatcher:
     store: SqlJobStore
     config: Config
     options: Options = field(default_factory=Options)
     rng: random.Random = field(default_factory=random.Random)
-    # Whether a session is still connected (the server asks its ROUTER); tests say it.
-    connected: Callable[[bytes], bool] = _always_connected
     admission: Admission = field(init=False)
+    sessions: Sessions = field(init=False)
     leases: dict[int, Lease] = field(default_factory=dict)
-    idle: OrderedDict = field(default_factory=OrderedDict)  # identity -> (seq, seen_at)
-    consumed_seq: dict[bytes, int] = field(default_factory=dict)
-    workers: dict[bytes, WorkerSeen] = field(default_factory=dict)
-    worker_keys: dict[str, str] = field(default_factory=dict)  # worker id -> CURVE key ("" local)
     disk_requests: list[DiskMeasure] = field(default_factory=list)
     stopping: bool = False
     started: bool = False
@@ -190,7 +97,6 @@ class Dispatcher:
     landed_recent: deque = field(default_factory=lambda: deque(maxlen=10_000))
     _outbox: list[Outgoing] = field(default_factory=list)
     _streaks: OrderedDict = field(default_factory=OrderedDict)  # job id -> uncounted requeues
-    _refusals_logged: dict[tuple[bytes, str], float] = field(default_factory=dict)
     _counts_at: float = -1e18
     _counts_dirty: bool = True
     _no_selection_logged: set[int] = field(default_factory=set)
@@ -203,6 +109,7 @@ class Dispatcher:
 
     def __post_init__(self) -> None:
         self.admission = Admission(self.config.disk)
+        self.sessions = Sessions(self.config.queue.lease_seconds)
 
     # --- the database ---------------------------------------------------------
 
@@ -290,8 +197,8 @@ class Dispatcher:
         if isinstance(msg, WORKER_MESSAGES):
             refusal = self._admit(identity, key, msg, now)
             if refusal is not None:
-                return self._refuse(identity, msg, refusal, now)
-            self.workers[identity].last_seen = now
+                return self.sessions.refuse(identity, msg, refusal, now)
+            self.sessions.workers[identity].last_seen = now
         handler: Callable = {
             WorkerReady: self._on_ready,
             WorkerBye: self._on_bye,
@@ -316,49 +223,18 @@ class Dispatcher:
                        owner=identity.decode("utf-8", "replace")))
         return []
 
-    # --- sessions: one live session per worker id, bound to its CURVE key ----
+    # --- sessions -------------------------------------------------------------
 
     def _admit(self, identity: bytes, key: str, msg: Message, now: float) -> str | None:
-        """Why ``identity`` may not speak for its worker id, or None (it is then registered).
-
-        A worker id is bound to the CURVE key that used it first, while a session or a
-        lease of that id exists. A new session of an id in use is a restart only if
-        every other session of that id is gone (not connected, or silent for
-        lease_seconds); then their leases go back at once. Otherwise it is a second live
-        worker with the same id, and it is refused."""
-        worker_id = owner_worker_id(identity)
-        if msg.worker_id != worker_id:
-            return (f"worker_id {msg.worker_id!r} is not the one of the connection's identity "
-                    f"{identity.decode('utf-8', 'replace')!r}")
-        bound = self.worker_keys.get(worker_id)
-        if bound is not None and bound != key:
-            return (f"worker id {worker_id} is in use by another machine (another CURVE key); "
-                    "give each worker a unique --worker-id")
-        if identity in self.workers:
-            return None
+        """Why ``identity`` may not speak for its worker id, or None (see sessions.py)."""
         holds = any(lease.owner == identity for lease in self.leases.values())
-        if not holds:
-            others = {i for i in self.workers if owner_worker_id(i) == worker_id}
-            others |= {lease.owner for lease in self.leases.values()
-                       if lease.owner not in (identity, DISPATCHER) and lease.ending is None
-                       and owner_worker_id(lease.owner) == worker_id}
-            live = sorted(i for i in others if self._live(i, now))
-            if live:
-                return (f"another worker with id {worker_id} is running (session "
-                        f"{live[0].decode('utf-8', 'replace')}); give each worker a unique "
-                        "--worker-id")
-            for other in others:
-                self._session_gone(other, now, f"worker {worker_id} restarted during the download")
-        self.worker_keys[worker_id] = key
-        self.workers[identity] = WorkerSeen(worker_id, getattr(msg, "host", ""), now)
-        log.info(kv("worker connected", worker_id=worker_id, owner=identity.decode()))
-        return None
-
-    def _live(self, identity: bytes, now: float) -> bool:
-        seen = self.workers.get(identity)
-        if seen is not None and now - seen.last_seen > self.config.queue.lease_seconds:
-            return False
-        return not identity.startswith(b"unknown") and self.connected(identity)
+        running = [l.owner for l in self.leases.values()
+                   if l.owner != DISPATCHER and l.ending is None]
+        refusal, gone = self.sessions.admit(identity, key, msg, now, holds, running)
+        for other in gone:
+            self._session_gone(other, now, f"worker {owner_worker_id(identity)} restarted "
+                                           "during the download")
+        return refusal
 
     def _session_gone(self, identity: bytes, now: float, why: str) -> None:
         """A session that is not coming back: its leases go back to the queue."""
@@ -367,41 +243,18 @@ class Dispatcher:
         self._forget(identity)
 
     def _forget(self, identity: bytes) -> None:
-        self.workers.pop(identity, None)
-        self.idle.pop(identity, None)
-        self.consumed_seq.pop(identity, None)
-        worker_id = owner_worker_id(identity)
-        if worker_id in self.worker_keys and not any(
-                owner_worker_id(i) == worker_id for i in self.workers) and not any(
-                owner_worker_id(l.owner) == worker_id for l in self.leases.values()
-                if l.owner != DISPATCHER):
-            del self.worker_keys[worker_id]
-
-    def _refuse(self, identity: bytes, msg: Message, reason: str, now: float) -> list[Outgoing]:
-        logged = (identity, reason)
-        if now - self._refusals_logged.get(logged, -1e18) >= REFUSAL_LOG_SECONDS:
-            if len(self._refusals_logged) > 1000:
-                self._refusals_logged.clear()
-            self._refusals_logged[logged] = now
-            log.warning(kv("refused a worker", worker_id=owner_worker_id(identity),
-                           owner=identity.decode("utf-8", "replace"), kind=msg.KIND, reason=reason))
-        out: list[Outgoing] = [(identity, WorkerRefused(worker_id=owner_worker_id(identity),
-                                                        reason=reason))]
-        if isinstance(msg, (JobHeartbeat, JobFinished)):  # whatever it runs is not its job
-            out.append((identity, JobCancel(job_id=msg.job_id, attempt=msg.attempt, reason=reason)))
-        elif isinstance(msg, (JobLanded, JobFailed)):  # nothing recorded; stop re-sending
-            out.append((identity, JobAck(job_id=msg.job_id, attempt=msg.attempt)))
-        return out
+        self.sessions.forget(identity, [l.owner for l in self.leases.values()
+                                        if l.owner != DISPATCHER])
 
     # --- worker messages ------------------------------------------------------
 
     def _on_ready(self, identity: bytes, msg: WorkerReady, now: float) -> list[Outgoing]:
-        self.workers[identity].state = "idle"
-        if msg.seq <= self.consumed_seq.get(identity, -1):
+        self.sessions.workers[identity].state = "idle"
+        if msg.seq <= self.sessions.consumed_seq.get(identity, -1):
             return []  # a repeat of a credit already used
-        if identity not in self.idle:
+        if identity not in self.sessions.idle:
             log.debug(kv("worker idle", worker_id=msg.worker_id, seq=msg.seq))
-        self.idle[identity] = (msg.seq, now)
+        self.sessions.idle[identity] = (msg.seq, now)
         return self._assign(now)
 
     def _on_bye(self, identity: bytes, msg: WorkerBye, now: float) -> list[Outgoing]:
@@ -418,7 +271,7 @@ class Dispatcher:
                 return None  # taken back; the write of that waits for the database
             if lease.owner == identity and lease.attempt == attempt:
                 return lease
-            if lease.attempt == attempt and lease.owner.startswith(b"unknown"):
+            if lease.attempt == attempt and lease.unowned:
                 lease.owner = identity
                 return lease
             return None
@@ -444,8 +297,8 @@ class Dispatcher:
         lease = self._holder(identity, msg.job_id, msg.attempt, now)
         if lease is None:
             return self._cancel(identity, msg.job_id, msg.attempt, "lease lost")
-        self.idle.pop(identity, None)
-        self.workers[identity].state = msg.state
+        self.sessions.idle.pop(identity, None)
+        self.sessions.workers[identity].state = msg.state
         self._alive(lease, now)
         lease.bytes, lease.percent = msg.bytes, msg.percent
         lease.speed_bps, lease.eta_seconds, lease.state = msg.speed_bps, msg.eta_seconds, msg.state
@@ -494,8 +347,7 @@ class Dispatcher:
         """Why a landing of the lease's attempt is not believed, or None: it must come from
         the holder, at the path the commit gave (or, after a restart of the dispatcher,
         the job's episode path, where the file must be)."""
-        if lease.owner != identity and not (lease.owner.startswith(b"unknown")
-                                            and lease.ending is None):
+        if lease.owner != identity and not (lease.unowned and lease.ending is None):
             return "sender does not hold the lease"
         if lease.committed_path is not None:
             return None if msg.video_path == lease.committed_path else (
@@ -540,7 +392,7 @@ class Dispatcher:
         lease = self.leases.get(msg.job_id)
         if lease is None or lease.owner != identity or lease.attempt != msg.attempt:
             return ack  # a repeat, or an attempt we already took back
-        self.idle.pop(identity, None)
+        self.sessions.idle.pop(identity, None)
         if msg.reason == REASON_DRY_RUN:  # nothing to write (the store writes nothing)
             self.leases.pop(msg.job_id)
             self.admission.reservations.pop(msg.job_id, None)  # nothing written: nothing settles
@@ -666,7 +518,7 @@ class Dispatcher:
         self._drop(lease, now)
         self._streaks.pop(job.id, None)
         # A worker still downloading is told to stop; one waiting for an answer gets its ack.
-        if lease.ending is None and lease.owner != DISPATCHER and not lease.owner.startswith(b"unknown"):
+        if lease.ending is None and lease.owner != DISPATCHER and not lease.unowned:
             self._outbox.append((lease.owner, JobCancel(job_id=job.id, attempt=job.attempt,
                                                         reason=CHANGED_ELSEWHERE)))
 
@@ -781,8 +633,7 @@ class Dispatcher:
                 break  # the database is unavailable: the others wait for the next tick
         for lease in [l for l in self.leases.values() if l.deadline < now and l.ending is None]:
             self._lease_lost(lease, now, f"no heartbeat for {self.config.queue.lease_seconds:g}s")
-        stale = now - self.config.queue.lease_seconds
-        for identity in [i for i, w in self.workers.items() if w.last_seen < stale]:
+        for identity in self.sessions.silent(now):
             self._forget(identity)
             log.info(kv("worker silent, forgotten", worker_id=owner_worker_id(identity)))
         self._refresh_counts(now)
@@ -806,7 +657,7 @@ class Dispatcher:
 
     def _assign(self, now: float) -> list[Outgoing]:
         out: list[Outgoing] = []
-        while self.idle and not self.stopping and self.started:
+        while self.sessions.idle and not self.stopping and self.started:
             refusal = self.admission.refusal(now)
             if refusal != self._last_refusal:
                 if refusal:
@@ -824,7 +675,7 @@ class Dispatcher:
                     break
                 self._queue_empty = False  # a backoff ran out since the queue looked empty
                 self.detail["next_retry_at"] = None
-            identity, (seq, _) = next(iter(self.idle.items()))
+            identity, (seq, _) = next(iter(self.sessions.idle.items()))
             try:
                 job = self._write(now, self.store.claim_next, identity.decode(),
                                   now + self.config.queue.lease_seconds, now)
@@ -836,8 +687,8 @@ class Dispatcher:
             self._counts_dirty = True
             if self._dispose_unrunnable(job, now):
                 continue
-            del self.idle[identity]
-            self.consumed_seq[identity] = seq
+            del self.sessions.idle[identity]
+            self.sessions.consumed_seq[identity] = seq
             out.append((identity, self._lease(job, identity, now)))
         return out
 
@@ -862,7 +713,7 @@ class Dispatcher:
         lease_seconds = self.config.queue.lease_seconds
         self.leases[job.id] = Lease(job, identity, now + lease_seconds, now)
         self.admission.reserve(job.id, job.anime_id)
-        self.workers[identity].state = "downloading"
+        self.sessions.workers[identity].state = "downloading"
         # DEBUG: the worker logs the start ("ani-cli started"), this log keeps the outcomes
         log.debug(kv("assigned", job_id=job.id, anime_id=job.anime_id, episode=job.episode,
                     worker_id=owner_worker_id(identity), attempt=job.attempt,
@@ -884,7 +735,7 @@ class Dispatcher:
         total = self.config.downloader.total_bandwidth_mbps * 1_000_000 / 8
         if total <= 0:
             return 0
-        return max(1, int(total / max(1, len(self.workers), self.options.workers)))
+        return max(1, int(total / max(1, len(self.sessions.workers), self.options.workers)))
 
     # --- counts, status, completion -----------------------------------------
 

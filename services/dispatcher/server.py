@@ -38,7 +38,8 @@ class DispatcherServer:
         hold_lock(config.run_dir / "dispatcher.lock", f"dispatcher for {config.db_path}")
         store_class = DryRunStore if options.dry_run else SqlJobStore
         self.store = store_class(config.db_path, options.anime_id)
-        self.dispatcher = Dispatcher(self.store, config, options, connected=self._connected)
+        self.dispatcher = Dispatcher(self.store, config, options)
+        self.dispatcher.sessions.connected = self._connected
         self.sockets = Sockets(config)
         self.stop = StopRequest()
         # Workers on other machines authenticate with CURVE: each message then carries

@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING
 from shared.models import OWN_STAGES, STAGE_DOWNLOADED, STAGE_DOWNLOADING, STAGE_FAILED, STAGE_QUEUED
 
 if TYPE_CHECKING:
-    from services.dispatcher.core import Dispatcher, Lease, WorkerSeen
+    from services.dispatcher.core import Dispatcher
+    from services.dispatcher.leases import Lease
+    from services.dispatcher.sessions import WorkerSeen
 
 HOUR = 3600.0
 #: The worker states of the document; anything else a worker reports maps onto these.
@@ -64,7 +66,7 @@ def _workers(d: Dispatcher, now: float, refusal: str | None) -> list[dict]:
     # the next job already).
     by_owner = {lease.owner: lease for lease in d.leases.values() if lease.ending is None}
     workers = []
-    for identity, seen in sorted(d.workers.items(), key=lambda kv: kv[1].worker_id):
+    for identity, seen in sorted(d.sessions.workers.items(), key=lambda kv: kv[1].worker_id):
         lease = by_owner.get(identity)
         workers.append({"id": seen.worker_id, "host": seen.host,
                         "state": worker_state(lease, seen, refusal),

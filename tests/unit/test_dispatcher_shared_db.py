@@ -17,13 +17,14 @@ import pytest
 
 from services.dispatcher import core
 from services.dispatcher.core import Dispatcher
+from services.dispatcher.db_health import DB_RETRY_SECONDS
 from services.dispatcher.store import SqlJobStore, StoreUnavailable
 from shared.protocol import (REASON_ERROR, REASON_INTERRUPTED, JobAck, JobCancel, JobCommit,
-                             JobFailed, JobHeartbeat, JobLanded, WorkerReady, WorkerRefused)
+                             JobFailed, JobHeartbeat, WorkerReady, WorkerRefused)
 from tests.unit.test_dispatcher_core import LEASE, A, B, Rig, assigns, of_type, only_assign
 
 LOCKED = "database is locked"
-RETRY = core.DB_RETRY_SECONDS
+RETRY = DB_RETRY_SECONDS
 
 
 class FlakyStore:
@@ -164,7 +165,7 @@ def test_a_claim_the_database_refuses_keeps_the_workers_credit(rig: SharedRig) -
     rig.enqueue(1, [1])
     rig.store.fail = {"claim_next"}
     assert assigns(rig.ready(A, 0.0)) == []
-    assert A in rig.d.idle and rig.row(1)["stage"] == "queued"
+    assert A in rig.d.sessions.idle and rig.row(1)["stage"] == "queued"
     rig.store.fail = set()
     assert only_assign(rig.tick(1.0), A).job_id == 1
 
@@ -301,14 +302,14 @@ def test_a_second_live_worker_with_the_same_id_is_refused_and_takes_nothing(rig:
         assert rig.beat(A, job, t) == []
     row = rig.row(1)
     assert (row["stage"], row["lease_owner"], row["retry_count"]) == ("downloading", A.decode(), 0)
-    assert twin not in rig.d.workers
+    assert twin not in rig.d.sessions.workers
     # the first one is gone for real (no longer connected): the twin is taken at once
-    rig.d.connected = lambda identity: identity != A
+    rig.d.sessions.connected = lambda identity: identity != A
     new = only_assign(rig.ready(twin, 5.0), twin)
     assert (new.job_id, new.attempt) == (1, 2)
     assert rig.row(1)["retry_count"] == 1 and "restarted" in rig.row(1)["error_message"]
     # and when the old one speaks again, it is the one refused
-    rig.d.connected = lambda identity: True
+    rig.d.sessions.connected = lambda identity: True
     out = rig.beat(A, job, 6.0)
     assert of_type(out, WorkerRefused) and of_type(out, JobCancel)
     assert rig.row(1)["lease_owner"] == twin.decode()
@@ -319,7 +320,7 @@ def test_a_worker_id_used_by_one_key_is_refused_for_another(rig: SharedRig) -> N
     rig.disk(0.0)
     out = rig.d.handle(A, WorkerReady(worker_id="w01", session="aaaa", seq=0), 0.0, key="KEY-A")
     job = only_assign(out, A)
-    rig.d.connected = lambda identity: False  # even with A apparently gone
+    rig.d.sessions.connected = lambda identity: False  # even with A apparently gone
     thief = b"w01/eeee"
     out = rig.d.handle(thief, WorkerReady(worker_id="w01", session="eeee", seq=0), 1.0, key="KEY-E")
     assert of_type(out, WorkerRefused) and assigns(out) == []
@@ -378,15 +379,15 @@ def test_sessions_that_come_and_go_leave_nothing_behind(rig: SharedRig) -> None:
     now = 0.0
     for n in range(40):
         identity = f"w{n % 3:02d}/{n:04x}".encode()
-        rig.d.connected = lambda i, me=identity: i == me
+        rig.d.sessions.connected = lambda i, me=identity: i == me
         job = only_assign(rig.ready(identity, now), identity)
         rig.finished(identity, job, now)
         rig.landed(identity, job, str(rig.land_file(job)), now)
         worker_id, session = identity.decode().split("/")
         now += 1
     rig.tick(now + LEASE + 1)
-    assert len(rig.d.consumed_seq) <= 1 and len(rig.d.workers) <= 1 and len(rig.d.idle) <= 1
-    assert len(rig.d.worker_keys) <= 1
+    assert len(rig.d.sessions.consumed_seq) <= 1 and len(rig.d.sessions.workers) <= 1 and len(rig.d.sessions.idle) <= 1
+    assert len(rig.d.sessions.keys) <= 1
 
 
 def test_the_no_selection_log_keeps_only_series_still_without_a_selection(rig: SharedRig) -> None:
@@ -400,3 +401,47 @@ def test_the_no_selection_log_keeps_only_series_still_without_a_selection(rig: S
         enqueue(rig.config.db_path, mal_id, "No Selection", [1], 3, (1, "Found", "high"))
     rig.tick(20.0)
     assert rig.d._no_selection_logged == set()
+
+
+# --- opening a database a neighbour holds --------------------------------------------------
+
+def _hold_lock(db_path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    conn.execute("BEGIN IMMEDIATE")
+    return conn
+
+
+def test_an_up_to_date_database_opens_while_a_neighbour_holds_the_write_lock(tmp_path: Path) -> None:
+    db = tmp_path / "jobs.db"
+    SqlJobStore(db).open()  # WAL, our columns
+    neighbour = _hold_lock(db)
+    try:
+        store = SqlJobStore(db)
+        store.open()  # reads only: no lock needed
+        assert store.stage_counts() == {}
+        with pytest.raises(StoreUnavailable):
+            store.claim_next("w01/a", 1.0, 0.0)  # a write waits 0.1 s, then gives up
+        store.close()
+    finally:
+        neighbour.close()
+
+
+def test_a_rollback_journal_database_locked_by_a_neighbour_is_switched_when_it_lets_go(
+        tmp_path: Path) -> None:
+    from shared.models import CONTRACT_DDL
+
+    db = tmp_path / "jobs.db"
+    conn = sqlite3.connect(db)
+    for ddl in CONTRACT_DDL:
+        conn.execute(ddl)
+    conn.commit()
+    conn.close()
+    neighbour = _hold_lock(db)
+    store = SqlJobStore(db)
+    with pytest.raises(StoreUnavailable):
+        store.open()  # SQLite refuses the switch to WAL at once while the lock is held
+    neighbour.close()
+    store.open()
+    assert store.db.execute_sql("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert "attempt" in {c.name for c in store.db.get_columns("jobs")}
+    store.close()

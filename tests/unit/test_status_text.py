@@ -6,6 +6,7 @@ request, and a rendering that fits 80 columns.
 from __future__ import annotations
 
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -257,3 +258,13 @@ def test_last_hour_counts_only_the_last_hour(dispatcher: Dispatcher) -> None:
     for at, size in [(NOW - 4000, 1), (NOW - 3000, 100), (NOW - 10, 300)]:
         d.landed_recent.append((at, size))
     assert served(d, NOW)["last_hour"] == {"downloaded": 2, "bytes": 400, "average_size_bytes": 200}
+
+
+def test_a_busy_database_shows_as_one_line_under_the_header() -> None:
+    doc = sample()
+    assert "database" not in render_text(doc)
+    doc["database"] = {"busy_since": NOW - 5, "error": "database is locked", "pending_writes": 2}
+    lines = render_text(doc).splitlines()
+    assert lines[1] == f"database busy since {time.strftime('%H:%M:%S', time.localtime(NOW - 5))} (2 writes waiting)"
+    assert "database is locked" in lines[2]
+    assert max(len(line) for line in lines) <= 80
