@@ -29,33 +29,35 @@ from tests.system import System, WaitTimeout, wait_for
 
 pytestmark = pytest.mark.slow
 
-# A neighbour: holds the write lock for HOLD seconds, ROUNDS times; before each round
-# after the first it waits for the file GO (so a test chooses the moment). Each lock and
-# release is a line in EVENTS.
+# A neighbour: holds the write lock once for each of HOLDS seconds (or until the file
+# GO.release.<n> appears); before each round after the first it waits for the file GO.<n>
+# (so a test chooses the moments). Each lock and release is a line in EVENTS.
 NEIGHBOUR = r"""
 import json, os, sqlite3, sys, time
-db, hold, rounds, go, events = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+db, holds, go, events = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 conn = sqlite3.connect(db, timeout=60, isolation_level=None)
 def note(event):
     with open(events, "a") as f:
         f.write(json.dumps({"event": event, "at": time.time()}) + "\n")
-for n in range(rounds):
+for n, hold in enumerate(float(h) for h in holds.split(",")):
     while n and not os.path.exists(f"{go}.{n}"):
         time.sleep(0.05)
     conn.execute("BEGIN IMMEDIATE")
     note("locked")
-    time.sleep(hold)
+    until = time.monotonic() + hold
+    while time.monotonic() < until and not os.path.exists(f"{go}.release.{n}"):
+        time.sleep(0.05)
     conn.execute("COMMIT")
     note("released")
 """
 
 
 class Neighbour:
-    def __init__(self, system: System, hold: float, rounds: int) -> None:
+    def __init__(self, system: System, *holds: float) -> None:
         self.events = system.root / "neighbour.jsonl"
         self.go = system.root / "neighbour-go"
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", NEIGHBOUR, str(system.db_path), str(hold), str(rounds),
+            [sys.executable, "-c", NEIGHBOUR, str(system.db_path), ",".join(map(str, holds)),
              str(self.go), str(self.events)], stdin=subprocess.DEVNULL, start_new_session=True)
         system.processes.append(self.proc)
 
@@ -66,6 +68,9 @@ class Neighbour:
 
     def lock_again(self, n: int) -> None:
         self.go.with_name(f"{self.go.name}.{n}").touch()
+
+    def release(self, n: int) -> None:
+        self.go.with_name(f"{self.go.name}.release.{n}").touch()
 
 
 def upstream_database(system: System, animes: dict[int, int]) -> None:
@@ -125,13 +130,13 @@ def each_episode_once(system: System, animes: dict[int, int]) -> None:
 def test_a_neighbour_holding_the_lock_at_start_and_during_the_run_changes_nothing(make_system):
     """On a rollback-journal database locked at start (journal_mode=wal is refused at once
     then), and locked again while downloads run, for longer than the leases and than
-    SQLite's default busy timeout: the dispatcher waits, keeps serving, never exits;
+    SQLite's default busy timeout (5 s): the dispatcher waits, keeps serving, never exits;
     every job ends exactly once and --exit-when-done says so."""
     system = make_system()
     animes = {11: 6}
     upstream_database(system, animes)
     catalog(system, animes, duration=2.0)
-    neighbour = Neighbour(system, hold=6.5, rounds=2)  # 6.5 s > lease_seconds (6) > 5 s
+    neighbour = Neighbour(system, 60, 6.5)  # then 6.5 s > lease_seconds (6) > 5 s
     wait_for(lambda: neighbour.seen("locked") == 1, 10, "the neighbour to take the lock")
     launcher = system.spawn("anime-downloader", "-c", str(system.config_path), "-w", "3",
                             "--exit-when-done")
@@ -140,7 +145,7 @@ def test_a_neighbour_holding_the_lock_at_start_and_during_the_run_changes_nothin
                                "anime-status to answer while the database is locked"))
     assert busy["database"]["busy_since"] is not None, busy["database"]
     assert "database busy since" in status(system).stdout
-    assert neighbour.seen("released") == 0, "the lock was released too early to prove anything"
+    neighbour.release(0)
 
     # Released: the dispatcher starts; the second lock comes while downloads run.
     wait_for(lambda: len(system.sim_runs("start")) >= 3, 20, "three downloads running")
@@ -273,7 +278,7 @@ def test_two_live_workers_with_one_id_the_second_is_refused_until_the_first_is_g
 def test_concurrent_anime_enqueue_inserts_every_episode_once(make_system):
     system = make_system()
     system.enqueue(51, "Show 51", [1], selected_index=1)  # a WAL database, as in use
-    neighbour = Neighbour(system, hold=30, rounds=1)
+    neighbour = Neighbour(system, 30)
     wait_for(lambda: neighbour.seen("locked") == 1, 10, "the neighbour to take the lock")
     cfg = str(system.config_path)
     procs = [system.spawn("anime-enqueue", "-c", cfg, "--mal-id", "51", "--title", "Show 51",
