@@ -227,10 +227,10 @@ class Dispatcher:
 
     def _admit(self, identity: bytes, key: str, msg: Message, now: float) -> str | None:
         """Why ``identity`` may not speak for its worker id, or None (see sessions.py)."""
-        holds = any(lease.owner == identity for lease in self.leases.values())
-        running = [l.owner for l in self.leases.values()
-                   if l.owner != DISPATCHER and l.ending is None]
-        refusal, gone = self.sessions.admit(identity, key, msg, now, holds, running)
+        def running() -> list[bytes]:
+            return [l.owner for l in self.leases.values() if l.owner != DISPATCHER and l.ending is None]
+
+        refusal, gone = self.sessions.admit(identity, key, msg, now, running)
         for other in gone:
             self._session_gone(other, now, f"worker {owner_worker_id(identity)} restarted "
                                            "during the download")

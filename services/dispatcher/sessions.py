@@ -52,10 +52,11 @@ class Sessions:
     _logged: dict[tuple[bytes, str], float] = field(default_factory=dict)
 
     def admit(self, identity: bytes, key: str, msg: Message, now: float,
-              holds_lease: bool, lease_owners: Iterable[bytes]) -> tuple[str | None, list[bytes]]:
+              lease_owners: Callable[[], list[bytes]]) -> tuple[str | None, list[bytes]]:
         """``(refusal, gone)``: why ``identity`` may not speak for its worker id (or None:
         it is then registered), and the other sessions of its id that are gone, whose
-        leases go back at once. ``lease_owners``: the owners of leases still running."""
+        leases go back at once. ``lease_owners()``: the owners of the leases still running
+        (asked only for a session not seen before)."""
         worker_id = owner_worker_id(identity)
         if msg.worker_id != worker_id:
             return (f"worker_id {msg.worker_id!r} is not the one of the connection's identity "
@@ -67,9 +68,10 @@ class Sessions:
         if identity in self.workers:
             return None, []
         gone: list[bytes] = []
-        if not holds_lease:  # a lease is proof enough (e.g. re-adopted after our restart)
+        owners = lease_owners()
+        if identity not in owners:  # a lease is proof enough (e.g. re-adopted after our restart)
             others = {i for i in self.workers if owner_worker_id(i) == worker_id}
-            others |= {o for o in lease_owners if o != identity and owner_worker_id(o) == worker_id}
+            others |= {o for o in owners if o != identity and owner_worker_id(o) == worker_id}
             live = sorted(i for i in others if self._live(i, now))
             if live:
                 return (f"another worker with id {worker_id} is running (session "
