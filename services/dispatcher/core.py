@@ -453,7 +453,8 @@ class Dispatcher:
         self.leases.pop(lease.job.id, None)
         self.admission.release(lease.job.id, now)
         self._counts_dirty = True
-        self._queue_empty = False
+        if lease.ending is None or lease.ending.kind == REQUEUE:
+            self._queue_empty = False  # the job may be back in the queue
 
     def _context(self, lease: Lease) -> dict:
         job = lease.job
@@ -516,6 +517,7 @@ class Dispatcher:
                        row_attempt=getattr(row, "attempt", None),
                        wanted=lease.ending.kind if lease.ending else "lease"))
         self._drop(lease, now)
+        self._queue_empty = False  # the other program may have queued it again
         self._streaks.pop(job.id, None)
         # A worker still downloading is told to stop; one waiting for an answer gets its ack.
         if lease.ending is None and lease.owner != DISPATCHER and not lease.unowned:
