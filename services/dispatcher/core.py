@@ -427,6 +427,7 @@ class Dispatcher:
         e = lease.ending
         assert e is not None
         job = lease.job
+        stage: str | None = None  # a requeue's new stage (queued, or failed after retries)
         try:
             if e.kind == LAND:
                 ok = self._write(now, self.store.mark_downloaded, job.id, job.attempt,
@@ -445,8 +446,8 @@ class Dispatcher:
             self._changed_elsewhere(lease, now)
             return True
         self._drop(lease, now)
-        {LAND: self._after_land, FAIL: self._after_fail}.get(e.kind, self._after_requeue)(
-            lease, stage if e.kind == REQUEUE else None, now)
+        after = {LAND: self._after_land, FAIL: self._after_fail, REQUEUE: self._after_requeue}
+        after[e.kind](lease, stage, now)
         return True
 
     def _drop(self, lease: Lease, now: float) -> None:
