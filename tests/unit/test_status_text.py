@@ -210,10 +210,11 @@ def test_the_document_has_the_documented_shape_and_worker_states(dispatcher: Dis
 
     s = served(d, t + 2)
     assert QUEUE_KEYS <= set(s["queue"]) and DISK_KEYS <= set(s["disk"])
-    # Exactly the keys of the example in README.md ("Seeing what it is doing") (sample() mirrors it).
+    # Exactly the keys of the example in README.md ("Seeing what it is doing") (sample() mirrors
+    # it), and "database" (README, "The database contract").
     doc = sample()
     assert set(s) == set(doc)
-    for part in ("dispatcher", "queue", "disk", "last_hour"):
+    for part in ("dispatcher", "queue", "disk", "last_hour", "database"):
         assert set(s[part]) == set(doc[part]), part
     assert {k for w in s["workers"] for k in w} == set(doc["workers"][0])
     assert {k for w in s["workers"] for k in w["job"]} == set(doc["workers"][0]["job"])
