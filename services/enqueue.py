@@ -1,8 +1,11 @@
 """``anime-enqueue``: add episodes (and optionally the anime's selection) to the queue.
 
-Like the upstream anime-selector, it writes the two contract tables in short
-transactions (the dispatcher tolerates that: WAL, busy timeout). Idempotent per
-anime and episode: an episode already in the queue, at any stage, is left alone.
+Like the upstream anime-selector, it writes the two contract tables in one short
+transaction (the dispatcher tolerates that: WAL, busy timeout). Idempotent per
+anime and episode: an episode already in the queue, at any stage, is left alone,
+also when several copies of it (or the selector) run at once: the check and the
+insert are one BEGIN IMMEDIATE transaction, so nobody inserts in between. While
+another program holds the database locked it waits, saying so once on stderr.
 """
 
 from __future__ import annotations
@@ -10,11 +13,20 @@ from __future__ import annotations
 import argparse
 import sqlite3
 import sys
+import time
+from pathlib import Path
+from typing import Callable
 
 from shared.lifecycle import config_or_exit
 from shared.models import CONTRACT_DDL
 
 CONFIDENCES = ("high", "medium", "low")
+BUSY_SLICE_SECONDS = 1.0  # SQLite's busy timeout per try; after the first, it says it waits
+WAIT_SECONDS = 300.0  # then it gives up, writing nothing
+
+
+class DatabaseLocked(Exception):
+    pass
 
 
 def parse_episodes(text: str) -> list[int]:
@@ -62,14 +74,52 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def enqueue(db_path, mal_id: int, title: str, episodes: list[int], max_retries: int = 3,
-            selection: tuple[int, str, str] | None = None) -> int:
-    """Insert the missing episodes (and the selection); returns how many were added."""
-    db_path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(db_path, timeout=30)
+def _locked(exc: sqlite3.OperationalError) -> bool:
+    return "locked" in str(exc) or "busy" in str(exc)
+
+
+def _begin(conn: sqlite3.Connection, wait: float, on_wait: Callable[[], None]) -> None:
+    """BEGIN IMMEDIATE: the write lock, taken before anything is read."""
+    deadline = time.monotonic() + wait
+    waited = False
+    while True:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            return
+        except sqlite3.OperationalError as exc:
+            if not _locked(exc):
+                raise
+            if time.monotonic() >= deadline:
+                raise DatabaseLocked(str(exc)) from None
+            if not waited:
+                waited = True
+                on_wait()
+
+
+def _use_wal(conn: sqlite3.Connection) -> None:
+    """WAL, as the dispatcher wants it. On a rollback-journal database another program's
+    lock makes SQLite refuse the switch at once: then it stays as it is (the dispatcher
+    switches it when it can), and the insert waits for the lock like any other."""
     try:
         conn.execute("PRAGMA journal_mode=WAL")
-        with conn:
+    except sqlite3.OperationalError as exc:
+        if not _locked(exc):
+            raise
+
+
+def enqueue(db_path: Path, mal_id: int, title: str, episodes: list[int], max_retries: int = 3,
+            selection: tuple[int, str, str] | None = None, wait: float = WAIT_SECONDS,
+            on_wait: Callable[[], None] = lambda: None) -> int:
+    """Insert the missing episodes (and the selection); returns how many were added.
+
+    Waits up to ``wait`` seconds for a database another program holds locked (calling
+    ``on_wait`` once, when it starts waiting); raises DatabaseLocked after that."""
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(db_path, timeout=BUSY_SLICE_SECONDS, isolation_level=None)
+    try:
+        _use_wal(conn)
+        _begin(conn, wait, on_wait)
+        try:
             for ddl in CONTRACT_DDL:
                 conn.execute(ddl)
             have = {row[0] for row in conn.execute(
@@ -83,6 +133,10 @@ def enqueue(db_path, mal_id: int, title: str, episodes: list[int], max_retries: 
                              "DO UPDATE SET selected_index = excluded.selected_index, "
                              "selected_title = excluded.selected_title, "
                              "confidence = excluded.confidence", (mal_id, *selection))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
         return len(new)
     finally:
         conn.close()
@@ -94,8 +148,17 @@ def main(argv: list[str] | None = None) -> int:
     selection = None
     if args.selected_index is not None:
         selection = (args.selected_index, args.selected_title or args.title, args.confidence or "high")
-    added = enqueue(config.db_path, args.mal_id, args.title, args.episode_list, args.max_retries,
-                    selection)
+    def say_waiting() -> None:
+        print(f"anime-enqueue: {config.db_path} is locked by another program; waiting for it "
+              f"(up to {WAIT_SECONDS:g}s)", file=sys.stderr, flush=True)
+
+    try:
+        added = enqueue(config.db_path, args.mal_id, args.title, args.episode_list,
+                        args.max_retries, selection, on_wait=say_waiting)
+    except DatabaseLocked:
+        print(f"anime-enqueue: {config.db_path} stayed locked for {WAIT_SECONDS:g}s; nothing "
+              "was queued (is another program stuck holding it?)", file=sys.stderr)
+        return 1
     skipped = len(args.episode_list) - added
     print(f"queued {added} episode(s) of MAL ID {args.mal_id} ({skipped} already present)"
           + (f"; selection: index {selection[0]}" if selection else ""))

@@ -171,6 +171,20 @@ def _mismatches(mismatches: list[dict], now: float | None) -> list[str]:
     return lines
 
 
+def _database(db: dict, now: float | None) -> list[str]:
+    """One line, only while the database refuses the dispatcher's writes."""
+    if not db.get("busy_since"):
+        return []
+    waiting = db.get("pending_writes") or 0
+    lines = [f"database busy since {clock(db['busy_since'], now)}" + (
+        f" ({waiting} write{'s' if waiting != 1 else ''} waiting)" if waiting else "")]
+    if db.get("error"):
+        lines += [_more(part) for part in textwrap.wrap(
+            f"{db['error']}; the dispatcher retries its writes until they are done",
+            WIDTH - LABEL, subsequent_indent="  ")]
+    return lines
+
+
 def render_text(status: dict) -> str:
     now = status.get("generated_at")
     disp = status.get("dispatcher") or {}
@@ -178,6 +192,7 @@ def render_text(status: dict) -> str:
     if disp.get("anime_id") is not None:
         flags.append(f"anime {disp['anime_id']} only")
     lines = [f"anime-downloader at {clock(now)}" + (f" ({', '.join(flags)})" if flags else "")]
+    lines += _database(status.get("database") or {}, now)
     lines += _queue(status.get("queue") or {}, now)
     lines += _workers(status.get("workers") or [])
     lines += _disk(status.get("disk") or {})

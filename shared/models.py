@@ -3,8 +3,11 @@
 The upstream tools (anime-selector, anime-enqueue) create ``jobs`` and
 ``anime_selection_cache`` with the contract's columns; the dispatcher adds the
 columns and indexes it needs with ``upgrade_schema`` (ALTER TABLE ADD COLUMN
-only: rows are never dropped or rewritten). Only the dispatcher writes while
-the system runs; WAL mode lets ``sqlite3 data/jobs.db`` read beside it.
+only: rows are never dropped or rewritten). The database is shared: the
+neighbours (anime-selector, anime-enqueue, the transcriber) write to it while
+the system runs, so every transaction waits for the write lock at its start and
+a locked database is an ordinary condition (see services/dispatcher/store.py).
+WAL mode lets ``sqlite3 data/jobs.db`` read beside it.
 
 Workers never import this module (it pulls in peewee; a worker must stay small).
 """
@@ -45,10 +48,11 @@ ADDED_COLUMNS = {
     "video_duration_seconds": "REAL",
 }
 
-INDEXES = (
-    "CREATE INDEX IF NOT EXISTS idx_jobs_stage_id ON jobs(stage, id)",
-    "CREATE INDEX IF NOT EXISTS idx_jobs_anime_episode ON jobs(anime_id, episode)",
-)
+INDEXES = {
+    "idx_jobs_stage_id": "CREATE INDEX IF NOT EXISTS idx_jobs_stage_id ON jobs(stage, id)",
+    "idx_jobs_anime_episode":
+        "CREATE INDEX IF NOT EXISTS idx_jobs_anime_episode ON jobs(anime_id, episode)",
+}
 
 
 class _Base(peewee.Model):
@@ -92,40 +96,78 @@ class Job(_Base):
         table_name = "jobs"
 
 
-def open_db(path: Path, readonly: bool = False) -> peewee.SqliteDatabase:
-    """Open (and bind the models to) the job database.
+def open_db(path: Path, readonly: bool = False,
+            busy_timeout_ms: int = 5000) -> peewee.SqliteDatabase:
+    """Open (and bind the models to) the job database. Needs no lock: the connection's
+    busy timeout is set first of all, and the journal mode is left to ``ensure_wal``.
 
     synchronous=NORMAL in WAL mode survives a process crash with every commit;
     a power cut may lose the last commits, which start-up recovery settles.
+    Every transaction is BEGIN IMMEDIATE: it waits (up to the busy timeout) for the
+    write lock at its start, and never fails half-way on a snapshot a neighbour's
+    commit made stale.
     """
+    seconds = busy_timeout_ms / 1000
     if readonly:
-        db = peewee.SqliteDatabase(f"file:{path}?mode=ro", uri=True,
-                                   pragmas={"busy_timeout": 5000, "query_only": 1})
+        db = peewee.SqliteDatabase(f"file:{path}?mode=ro", uri=True, timeout=seconds,
+                                   pragmas=[("busy_timeout", busy_timeout_ms), ("query_only", 1)])
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
-        db = peewee.SqliteDatabase(str(path), pragmas={
-            "journal_mode": "wal", "synchronous": "normal", "busy_timeout": 5000,
-            "foreign_keys": 0})
+        db = peewee.SqliteDatabase(str(path), timeout=seconds, lock_type="IMMEDIATE", pragmas=[
+            ("busy_timeout", busy_timeout_ms), ("synchronous", "normal"), ("foreign_keys", 0)])
     db.connect(reuse_if_open=True)
     database_proxy.initialize(db)
     return db
 
 
+def ensure_wal(db: peewee.SqliteDatabase) -> None:
+    """Switch the database to WAL mode (it stays so), so that readers such as
+    ``sqlite3 data/jobs.db`` and our own reads never wait for a writer.
+
+    On a rollback-journal database (as the upstream tools create it) the switch needs
+    the database to itself, and SQLite refuses it at once, without waiting, while
+    another program holds a write lock: that surfaces as OperationalError
+    "database is locked", and the caller tries again later.
+    """
+    (mode,) = db.execute_sql("PRAGMA journal_mode").fetchone()
+    if str(mode).lower() == "wal":
+        return
+    (mode,) = db.execute_sql("PRAGMA journal_mode=wal").fetchone()
+    if str(mode).lower() != "wal":
+        raise peewee.OperationalError(f"database is locked (journal mode stays {mode})")
+
+
+def missing_schema(db: peewee.SqliteDatabase) -> tuple[list[str], list[str], list[str]]:
+    """(tables, columns, indexes) that ``upgrade_schema`` would add; reads only."""
+    cursor = db.execute_sql("SELECT type, name FROM sqlite_master WHERE type IN ('table', 'index')")
+    present = {(kind, name) for kind, name in cursor.fetchall()}
+    tables = [t for t in ("anime_selection_cache", "jobs") if ("table", t) not in present]
+    columns = list(ADDED_COLUMNS) if "jobs" in tables else [
+        name for name in ADDED_COLUMNS if name not in existing_columns(db)]
+    indexes = [name for name in INDEXES if ("index", name) not in present]
+    return tables, columns, indexes
+
+
 def upgrade_schema(db: peewee.SqliteDatabase) -> list[str]:
     """Create the contract tables if absent, add our columns and indexes.
 
-    Returns the names of the columns added, for the log.
+    Looks first and writes only if something is missing, so a start on an
+    up-to-date database takes no write lock. Returns the names of the columns
+    added, for the log.
     """
+    tables, columns, indexes = missing_schema(db)
+    if not (tables or columns or indexes):
+        return []
     added = []
-    with db.atomic():
+    with db.atomic():  # BEGIN IMMEDIATE: look again under the lock
         for ddl in CONTRACT_DDL:
             db.execute_sql(ddl)
-        existing = {c.name for c in db.get_columns("jobs")}
+        existing = existing_columns(db)
         for name, sql_type in ADDED_COLUMNS.items():
             if name not in existing:
                 db.execute_sql(f"ALTER TABLE jobs ADD COLUMN {name} {sql_type}")
                 added.append(name)
-        for ddl in INDEXES:
+        for ddl in INDEXES.values():
             db.execute_sql(ddl)
     return added
 

@@ -19,6 +19,14 @@ Conversation between a worker (DEALER) and the dispatcher (ROUTER)::
     JobFailed               ->                      error / timeout / interrupted / ...
                             <-     JobAck            terminal message recorded
     WorkerBye               ->                      worker is exiting
+                            <-     WorkerRefused     worker id in use by another live
+                                                     session (or another CURVE key)
+                            <-     WorkerProbe       (to an older session of an id) still
+                                                     connected? no answer expected
+
+Terminal answers wait for the database: JobAck only once what it acknowledges has
+been committed (a neighbour may hold the database's lock for seconds), so the
+worker's re-sends are what carries a landing or a failure across that wait.
 
 Terminal messages (finished, landed, failed) are re-sent until answered, so a
 dispatcher restart loses nothing; the dispatcher treats repeats idempotently.
@@ -135,6 +143,22 @@ class WorkerReady(Message):
 class WorkerBye(Message):
     worker_id: str
     session: str
+
+
+@message("worker.refused")
+class WorkerRefused(Message):
+    """The dispatcher will not work with this session: its worker id is in use by
+    another live session, or by another machine's CURVE key. The worker logs
+    ``reason`` and keeps asking (it is taken once the other session is gone)."""
+    worker_id: str
+    reason: str
+
+
+@message("worker.probe")
+class WorkerProbe(Message):
+    """Sent by the dispatcher to an older session of a worker id when a new one
+    appears: only whether the ROUTER can still route it counts (a worker that is
+    gone is not connected any more). Workers ignore it; no answer."""
 
 
 @message("job.assign")

@@ -213,15 +213,16 @@ class _HandshakeWatch(threading.Thread):
         self.refusals.refused(self.key, reason, "unknown" if self.server else None)
 
 
-def waiting(sock: zmq.Socket, limit: int = 1000) -> Iterator[list[bytes]]:
+def waiting(sock: zmq.Socket, limit: int = 1000, copy: bool = True) -> Iterator[list]:
     """The messages waiting on ``sock`` (at most ``limit``), without blocking. ZMQ_EVENTS
     is asked before each read: ending every batch on zmq.Again costs an exception (and
-    its error object) per wake-up."""
+    its error object) per wake-up. ``copy=False`` yields zmq.Frame objects, whose
+    properties (e.g. "User-Id", the CURVE key ZAP accepted) can be read."""
     for _ in range(limit):
         if not sock.get(zmq.EVENTS) & zmq.POLLIN:
             return
         try:
-            yield sock.recv_multipart(zmq.NOBLOCK)
+            yield sock.recv_multipart(zmq.NOBLOCK, copy=copy)
         except zmq.Again:
             return
 

@@ -1,4 +1,9 @@
-"""The dispatcher's socket loop: moves frames between ZeroMQ and ``Dispatcher``."""
+"""The dispatcher's socket loop: moves frames between ZeroMQ and ``Dispatcher``.
+
+It never waits long for the database: until the database can be opened it serves
+status requests and stop signals only (one log line says that it waits), and the
+store's short busy timeout keeps every later write from holding the loop up.
+"""
 
 from __future__ import annotations
 
@@ -11,15 +16,19 @@ import zmq
 from shared.config import Config
 from shared.lifecycle import StopRequest, kv
 from shared.protocol import (DiskStateMsg, DiskUsageMsg, Message, ProtocolError, StatusReply,
-                             StatusRequest, decode, encode)
+                             StatusRequest, WorkerProbe, decode, encode)
 from shared.singleton import hold_lock
-from shared.sockets import Sockets, waiting
+from shared.sockets import Sockets, is_local_endpoint, waiting
 from services.dispatcher.core import Dispatcher, Options
-from services.dispatcher.store import DryRunStore, SqlJobStore
+from services.dispatcher.store import DryRunStore, SqlJobStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
 TICK_SECONDS = 0.5
 IDLE_TICK_SECONDS = 1.0
+START_RETRY_SECONDS = 0.25  # trying to open a locked database again
+# Ticks come at most IDLE_TICK_SECONDS apart; a longer gap beyond this is a stall of the
+# loop, not of the workers (their heartbeats of that time may still wait in the socket).
+STALL_SECONDS = 1.0
 
 
 class DispatcherServer:
@@ -30,8 +39,12 @@ class DispatcherServer:
         store_class = DryRunStore if options.dry_run else SqlJobStore
         self.store = store_class(config.db_path, options.anime_id)
         self.dispatcher = Dispatcher(self.store, config, options)
+        self.dispatcher.sessions.connected = self._connected
         self.sockets = Sockets(config)
         self.stop = StopRequest()
+        # Workers on other machines authenticate with CURVE: each message then carries
+        # the client's public key (ZAP's User-Id), to which the dispatcher binds worker ids.
+        self.curve = not is_local_endpoint(config.zmq.dispatcher)
 
     def _open_sockets(self) -> None:
         zc = self.config.zmq
@@ -45,18 +58,22 @@ class DispatcherServer:
         self.disk_push = self.sockets.connect(zmq.PUSH, zc.disk_control)
         self.disk_push.setsockopt(zmq.SNDHWM, 10)
         self.poller = zmq.Poller()
+        self.start_poller = zmq.Poller()  # until the database is open: no worker messages
         for sock in (self.router, self.status, self.disk_sub):
             self.poller.register(sock, zmq.POLLIN)
+        for sock in (self.status, self.disk_sub):
+            self.start_poller.register(sock, zmq.POLLIN)
         self.poller.register(self.stop.wakeup_fd, zmq.POLLIN)
+        self.start_poller.register(self.stop.wakeup_fd, zmq.POLLIN)
 
     def run(self) -> int:
         d = self.dispatcher
         self._open_sockets()  # first: an endpoint refused at start leaves the database alone
-        d.start(time.time())
-        log.info(kv("dispatcher started", db=self.config.db_path, dry_run=self.options.dry_run,
-                    anime_id=self.options.anime_id, endpoint=self.config.zmq.dispatcher))
-        next_tick = done_check = 0.0
         try:
+            if not self._start():
+                return 0
+            next_tick = done_check = 0.0
+            last_tick = time.monotonic()
             while not self.stop.requested:
                 timeout = max(0.0, next_tick - time.monotonic())
                 events = dict(self.poller.poll(timeout * 1000))
@@ -71,9 +88,13 @@ class DispatcherServer:
                 if self.status in events:
                     self._drain(self.status, self._on_status)
                 if self.router in events:
-                    self._drain(self.router, self._on_worker, limit=100)
+                    self._drain(self.router, self._on_worker, limit=100, copy=not self.curve)
                 if time.monotonic() >= next_tick:
-                    self._send(self.dispatcher.tick(time.time()))
+                    stall = time.monotonic() - last_tick - IDLE_TICK_SECONDS
+                    if stall > STALL_SECONDS:
+                        d.stalled(stall, time.time())
+                    last_tick = time.monotonic()
+                    self._send(d.tick(time.time()))
                     # Nothing leased: lease deadlines need no watching, wake less often.
                     next_tick = time.monotonic() + (TICK_SECONDS if d.leases else IDLE_TICK_SECONDS)
                 self._flush_disk_requests()
@@ -81,8 +102,8 @@ class DispatcherServer:
                 if self.options.exit_when_done and (time.monotonic() >= done_check or (
                         had_leases and not d.leases and d._queue_empty)):
                     done_check = time.monotonic() + TICK_SECONDS
-                    if d.done(time.time()):
-                        return self._finish()
+                    if d.done(time.time()) and (code := self._finish()) is not None:
+                        return code
             log.info(kv("stop requested: handing out nothing more", leases=len(d.leases)))
             return 0
         finally:
@@ -91,8 +112,55 @@ class DispatcherServer:
             self.sockets.close()
             log.info("dispatcher stopped")
 
-    def _finish(self) -> int:
-        summary = self.dispatcher.summary(time.time())
+    def _start(self) -> bool:
+        """Open the database and re-adopt its leases, waiting (one log line) while another
+        program holds it locked; status requests are answered meanwhile. False if a stop
+        was requested before it could start."""
+        d = self.dispatcher
+        began = time.monotonic()
+        waiting_logged = False
+        while not self.stop.requested:
+            try:
+                d.start(time.time())
+            except StoreUnavailable as exc:
+                if not waiting_logged:
+                    waiting_logged = True
+                    log.warning(kv("waiting for the database: another program holds it locked",
+                                   db=self.config.db_path, error=exc))
+                self._serve_status_for(START_RETRY_SECONDS)
+                continue
+            log.info(kv("dispatcher started", db=self.config.db_path, dry_run=self.options.dry_run,
+                        anime_id=self.options.anime_id, endpoint=self.config.zmq.dispatcher,
+                        waited=round(time.monotonic() - began, 1) if waiting_logged else None))
+            return True
+        log.info(kv("stop requested before the database could be opened"))
+        return False
+
+    def _serve_status_for(self, seconds: float) -> None:
+        """Wait up to ``seconds``, answering status requests and following the disk; worker
+        messages wait in their socket (the important ones are re-sent anyway)."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0 and not self.stop.requested:
+            events = dict(self.start_poller.poll(left * 1000))
+            if self.stop.wakeup_fd in events:
+                self.stop.drain()
+            if self.disk_sub in events:
+                for frames in waiting(self.disk_sub):
+                    try:
+                        msg = decode(frames)
+                    except ProtocolError:
+                        continue
+                    if isinstance(msg, DiskStateMsg):
+                        self.dispatcher.admission.on_disk_state(msg, time.time())
+            if self.status in events:
+                self._drain(self.status, self._on_status)
+
+    def _finish(self) -> int | None:
+        """Print the summary and end (0); None when the counts cannot be read just now."""
+        try:
+            summary = self.dispatcher.summary(time.time())
+        except StoreUnavailable:
+            return None
         text = json.dumps(summary, sort_keys=True)
         (self.config.run_dir / "summary.json").write_text(text + "\n")
         log.info(kv("all runnable jobs done", **summary))
@@ -101,10 +169,10 @@ class DispatcherServer:
 
     # --- frames -------------------------------------------------------------
 
-    def _drain(self, sock: zmq.Socket, handler, limit: int = 1000) -> None:
+    def _drain(self, sock: zmq.Socket, handler, limit: int = 1000, copy: bool = True) -> None:
         """Handle the frames waiting on ``sock`` (up to ``limit``); one bad frame never stops
         the loop."""
-        for frames in waiting(sock, limit):
+        for frames in waiting(sock, limit, copy):
             try:
                 handler(frames)
             except ProtocolError as exc:
@@ -112,7 +180,11 @@ class DispatcherServer:
             except Exception:
                 log.exception(kv("error while handling a message; dropped it", frames=len(frames)))
 
-    def _on_worker(self, frames: list[bytes]) -> None:
+    def _on_worker(self, frames: list) -> None:
+        key = ""
+        if self.curve:  # frames (not bytes): the key that authenticated this connection
+            key = frames[0].get("User-Id")
+            frames = [frame.bytes for frame in frames]
         identity, rest = frames[0], frames[1:]
         msg = decode(rest)
         try:  # leases, logs and the database name the owner as text: refuse anything else
@@ -120,7 +192,18 @@ class DispatcherServer:
         except UnicodeDecodeError:
             raise ProtocolError(f"{msg.KIND} from an identity that is not UTF-8 text "
                                 f"({identity[:16]!r}); workers set '<worker_id>/<session>'") from None
-        self._send(self.dispatcher.handle(identity, msg, time.time()))
+        self._send(self.dispatcher.handle(identity, msg, time.time(), key=key))
+
+    def _connected(self, identity: bytes) -> bool:
+        """Whether ``identity`` is still connected: a probe to a peer that is gone is
+        unroutable (ROUTER_MANDATORY); a full queue means connected, but slow."""
+        try:
+            self.router.send_multipart([identity] + encode(WorkerProbe()), zmq.NOBLOCK)
+        except zmq.Again:
+            return True
+        except zmq.ZMQError:  # EHOSTUNREACH
+            return False
+        return True
 
     def _on_disk(self, frames: list[bytes]) -> None:
         msg = decode(frames)

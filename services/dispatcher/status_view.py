@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING
 from shared.models import OWN_STAGES, STAGE_DOWNLOADED, STAGE_DOWNLOADING, STAGE_FAILED, STAGE_QUEUED
 
 if TYPE_CHECKING:
-    from services.dispatcher.core import Dispatcher, Lease, WorkerSeen
+    from services.dispatcher.core import Dispatcher
+    from services.dispatcher.leases import Lease
+    from services.dispatcher.sessions import WorkerSeen
 
 HOUR = 3600.0
 #: The worker states of the document; anything else a worker reports maps onto these.
@@ -60,9 +62,11 @@ def worker_state(lease: Lease | None, seen: WorkerSeen, refusal: str | None) -> 
 
 
 def _workers(d: Dispatcher, now: float, refusal: str | None) -> list[dict]:
-    by_owner = {lease.owner: lease for lease in d.leases.values()}
+    # A lease whose ending waits for the database is over for its worker (which may hold
+    # the next job already).
+    by_owner = {lease.owner: lease for lease in d.leases.values() if lease.ending is None}
     workers = []
-    for identity, seen in sorted(d.workers.items(), key=lambda kv: kv[1].worker_id):
+    for identity, seen in sorted(d.sessions.workers.items(), key=lambda kv: kv[1].worker_id):
         lease = by_owner.get(identity)
         workers.append({"id": seen.worker_id, "host": seen.host,
                         "state": worker_state(lease, seen, refusal),
@@ -107,6 +111,12 @@ def mismatch_entry(job, site_title: str | None, now: float) -> dict:
             "site_title": site_title, "at": now}
 
 
+def _database(d: Dispatcher) -> dict:
+    """Whether the dispatcher can write to jobs.db now (a neighbour may hold its lock)."""
+    return {"busy_since": d.db.busy_since, "error": d.db.error,
+            "pending_writes": d.pending_writes() if d.db.busy_since is not None else 0}
+
+
 def build_status(d: Dispatcher, now: float) -> dict:
     refusal = d.admission.refusal(now)
     return {
@@ -119,4 +129,5 @@ def build_status(d: Dispatcher, now: float) -> dict:
         "recent_failures": list(d.failures),
         "last_hour": _last_hour(d, now),
         "title_mismatches": list(getattr(d, "title_mismatches", ())),
+        "database": _database(d),
     }

@@ -1,16 +1,27 @@
 """The job queue in SQLite: every write the system makes to the database.
 
-Hot paths (claim, land) are single SQL statements; everything else goes through
-the peewee models. ``DryRunStore`` has the same interface over an in-memory
-snapshot read through a read-only connection, so ``--dry-run`` changes nothing.
+The database is shared with neighbours (anime-selector, anime-enqueue, the
+transcriber) that take the write lock for seconds at a time. For this store a
+locked or busy database (or a failing disk) is weather, not a bug: every method
+turns such an error into ``StoreUnavailable`` after a short busy timeout, having
+changed nothing; the caller keeps its memory as it was and calls again later.
+
+Every write of a job the dispatcher owns is guarded by the row's id, attempt and
+expected stage, so a row a neighbour changed meanwhile is never overwritten: the
+method then reports it (False, None, or the ids) and writes nothing. Hot paths
+(claim, land) are single SQL statements; everything else goes through the peewee
+models. ``DryRunStore`` has the same interface over an in-memory snapshot read
+through a read-only connection, so ``--dry-run`` changes nothing.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 import peewee
 
@@ -18,6 +29,40 @@ from shared import models
 from shared.models import STAGE_DOWNLOADED, STAGE_DOWNLOADING, STAGE_FAILED, STAGE_QUEUED, Job
 
 log = logging.getLogger(__name__)
+# How long one statement may wait for a neighbour's write lock while the loop runs: the
+# loop serves heartbeats and status requests meanwhile, so no call may block it for long.
+LOOP_BUSY_TIMEOUT_MS = 100
+# OperationalError texts that are the surroundings, not our SQL: locks held by other
+# programs, a disk that fails or is full or read-only. Anything else is a bug and raises.
+_WEATHER = ("locked", "busy", "disk i/o error", "unable to open", "disk is full",
+            "readonly database", "interrupted", "journal mode stays")
+
+T = TypeVar("T")
+
+
+class StoreUnavailable(Exception):
+    """The database could not be read or written just now; nothing was changed."""
+
+
+def is_weather(exc: BaseException) -> bool:
+    return isinstance(exc, (peewee.OperationalError, sqlite3.OperationalError)) and any(
+        text in str(exc).lower() for text in _WEATHER)
+
+
+def weather(method: Callable[..., T]) -> Callable[..., T]:
+    """Turn a locked, busy or failing database into StoreUnavailable (the transaction,
+    if any, was rolled back by peewee)."""
+
+    @functools.wraps(method)
+    def guarded(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except (peewee.OperationalError, sqlite3.OperationalError) as exc:
+            if is_weather(exc):
+                raise StoreUnavailable(str(exc)) from exc
+            raise
+
+    return guarded
 
 
 @dataclass
@@ -57,31 +102,42 @@ RETURNING id, anime_id, anime_title, episode, attempt, retry_count, max_retries
 
 
 class SqlJobStore:
-    """The real queue. Only the dispatcher constructs one."""
+    """The real queue. Only the dispatcher constructs one; ``open`` before anything else."""
 
-    def __init__(self, db_path: Path, anime_id: int | None = None) -> None:
-        self.db = models.open_db(db_path)
-        added = models.upgrade_schema(self.db)
-        if added:
-            log.info("database upgraded path=%s added_columns=%s", db_path, ",".join(added))
+    def __init__(self, db_path: Path, anime_id: int | None = None,
+                 busy_timeout_ms: int = LOOP_BUSY_TIMEOUT_MS) -> None:
+        self.db_path = db_path
+        self.db: peewee.SqliteDatabase | None = None
+        self.busy_timeout_ms = busy_timeout_ms
         self.anime_id = anime_id
         self._claim_sql = _CLAIM_SQL.format(
             anime_filter="AND j.anime_id = ?" if anime_id is not None else "")
 
+    @weather
+    def open(self) -> None:
+        """Connect, switch to WAL, add our columns. Raises StoreUnavailable while a
+        neighbour holds the lock; calling again goes on from where it stopped."""
+        if self.db is None:
+            self.db = models.open_db(self.db_path, busy_timeout_ms=self.busy_timeout_ms)
+        models.ensure_wal(self.db)
+        added = models.upgrade_schema(self.db)
+        if added:
+            log.info("database upgraded path=%s added_columns=%s", self.db_path, ",".join(added))
+
     def close(self) -> None:
-        self.db.close()
+        if self.db is not None:
+            self.db.close()
 
     # --- handing out --------------------------------------------------------
 
+    @weather
     def claim_next(self, owner: str, deadline: float, now: float) -> ClaimedJob | None:
         params: list = [owner, deadline, now, now]
         if self.anime_id is not None:
             params.append(self.anime_id)
-        with self.db.atomic():
+        with self.db.atomic():  # the selection is read under the same lock: all or nothing
             row = self.db.execute_sql(self._claim_sql, params).fetchone()
-        if row is None:
-            return None
-        return self._with_selection(row)
+            return self._with_selection(row) if row is not None else None
 
     def _with_selection(self, row: tuple) -> ClaimedJob:
         job_id, anime_id, title, episode, attempt, retry_count, max_retries = row
@@ -92,6 +148,7 @@ class SqlJobStore:
         return ClaimedJob(job_id, anime_id, title, episode, attempt, retry_count or 0,
                           3 if max_retries is None else max_retries, *sel)
 
+    @weather
     def readopt(self, job_id: int, attempt: int, owner: str, deadline: float) -> ClaimedJob | None:
         """Give a queued job back to the worker still downloading its last attempt."""
         with self.db.atomic():
@@ -100,79 +157,109 @@ class SqlJobStore:
                 "next_attempt_at = NULL WHERE id = ? AND stage = 'queued' AND attempt = ? "
                 "RETURNING id, anime_id, anime_title, episode, attempt, retry_count, max_retries",
                 [owner, deadline, job_id, attempt]).fetchone()
-        return self._with_selection(row) if row else None
+            return self._with_selection(row) if row else None
 
-    def extend_lease(self, job_id: int, deadline: float) -> None:
-        self.db.execute_sql("UPDATE jobs SET lease_deadline = ? WHERE id = ? AND stage = ?",
-                            [deadline, job_id, STAGE_DOWNLOADING])
+    @weather
+    def extend_leases(self, leases: list[tuple[int, int, float]]) -> list[int]:
+        """Write the lease deadlines ``(job_id, attempt, deadline)`` in one short
+        transaction; returns the ids whose row is no longer ours (left untouched)."""
+        lost = []
+        with self.db.atomic():
+            for job_id, attempt, deadline in leases:
+                if self.db.execute_sql(
+                        "UPDATE jobs SET lease_deadline = ? WHERE id = ? AND attempt = ? "
+                        "AND stage = ? RETURNING id",
+                        [deadline, job_id, attempt, STAGE_DOWNLOADING]).fetchone() is None:
+                    lost.append(job_id)
+        return lost
 
     # --- endings ------------------------------------------------------------
 
+    @weather
     def mark_downloaded(self, job_id: int, attempt: int, video_path: str, size: int,
-                        duration: float | None, now: float) -> bool:
+                        duration: float | None, now: float,
+                        stages: tuple[str, ...] = (STAGE_DOWNLOADING,)) -> bool:
+        """Record the landing of ``attempt``; False if the row is not that attempt in
+        one of ``stages`` any more (a neighbour changed it: nothing is written)."""
+        marks = ", ".join("?" for _ in stages)
         with self.db.atomic():
-            n = self.db.execute_sql(
+            row = self.db.execute_sql(
                 "UPDATE jobs SET stage = ?, video_path = ?, video_size_bytes = ?, "
                 "video_duration_seconds = ?, error_message = NULL, lease_owner = NULL, "
                 "lease_deadline = NULL, next_attempt_at = NULL, finished_at = ? "
-                "WHERE id = ? AND attempt = ? AND stage IN (?, ?)",
+                f"WHERE id = ? AND attempt = ? AND stage IN ({marks}) RETURNING id",
                 [STAGE_DOWNLOADED, video_path, size, duration, now, job_id, attempt,
-                 STAGE_DOWNLOADING, STAGE_QUEUED]).rowcount
-        return n == 1
+                 *stages]).fetchone()
+        return row is not None
 
+    @weather
     def requeue(self, job_id: int, attempt: int, count_retry: bool, error: str | None,
-                backoff: Callable[[int], float | None], now: float | None = None) -> str | None:
-        """Hand a job back; returns its new stage (queued or failed), None if not ours.
+                backoff: Callable[[int], float | None], now: float | None = None,
+                not_before: float | None = None) -> str | None:
+        """Hand a job back; returns its new stage (queued or failed), None if the row is
+        not this attempt downloading any more (then nothing is written).
 
-        ``backoff(retry_count)`` gives the time before which it is not handed out again;
-        ``now`` is recorded as ``finished_at`` when the job fails for good.
+        ``backoff(retry_count)`` gives the time before which a counted retry is not
+        handed out again, ``not_before`` the same for one not counted; ``now`` is
+        recorded as ``finished_at`` when the job fails for good. The read and the
+        guarded update are one transaction: nobody writes in between.
         """
-        job = Job.get_or_none((Job.id == job_id) & (Job.attempt == attempt)
-                              & (Job.stage == STAGE_DOWNLOADING))
-        if job is None:
-            return None
-        retry_count = job.retry_count or 0
-        max_retries = 3 if job.max_retries is None else job.max_retries
-        stage = STAGE_QUEUED
-        next_attempt_at = None
-        if count_retry:
-            if retry_count < max_retries:  # the spec's rule
-                retry_count += 1
-                next_attempt_at = backoff(retry_count)
-            else:
-                stage = STAGE_FAILED
         with self.db.atomic():
-            Job.update(stage=stage, retry_count=retry_count,
-                       error_message=error if error is not None else job.error_message,
-                       lease_owner=None, lease_deadline=None,
-                       next_attempt_at=next_attempt_at,
-                       finished_at=now if stage == STAGE_FAILED else None
-                       ).where(Job.id == job_id).execute()
+            row = self.db.execute_sql(
+                "SELECT retry_count, max_retries FROM jobs WHERE id = ? AND attempt = ? "
+                "AND stage = ?", [job_id, attempt, STAGE_DOWNLOADING]).fetchone()
+            if row is None:
+                return None
+            retry_count = row[0] or 0
+            max_retries = 3 if row[1] is None else row[1]
+            stage, next_attempt_at = STAGE_QUEUED, not_before
+            if count_retry:
+                if retry_count < max_retries:  # the spec's rule
+                    retry_count += 1
+                    next_attempt_at = backoff(retry_count)
+                else:
+                    stage, next_attempt_at = STAGE_FAILED, None
+            self.db.execute_sql(
+                "UPDATE jobs SET stage = ?, retry_count = ?, "
+                "error_message = COALESCE(?, error_message), lease_owner = NULL, "
+                "lease_deadline = NULL, next_attempt_at = ?, finished_at = ? "
+                "WHERE id = ? AND attempt = ? AND stage = ?",
+                [stage, retry_count, error, next_attempt_at,
+                 now if stage == STAGE_FAILED else None, job_id, attempt, STAGE_DOWNLOADING])
         return stage
 
-    def mark_failed(self, job_id: int, error: str, now: float) -> None:
+    @weather
+    def mark_failed(self, job_id: int, attempt: int, error: str, now: float) -> bool:
+        """Fail ``attempt`` for good; False if the row is not that attempt downloading."""
         with self.db.atomic():
-            Job.update(stage=STAGE_FAILED, error_message=error, lease_owner=None,
-                       lease_deadline=None, next_attempt_at=None, finished_at=now
-                       ).where(Job.id == job_id).execute()
+            row = self.db.execute_sql(
+                "UPDATE jobs SET stage = ?, error_message = ?, lease_owner = NULL, "
+                "lease_deadline = NULL, next_attempt_at = NULL, finished_at = ? "
+                "WHERE id = ? AND attempt = ? AND stage = ? RETURNING id",
+                [STAGE_FAILED, error, now, job_id, attempt, STAGE_DOWNLOADING]).fetchone()
+        return row is not None
 
     # --- reading ------------------------------------------------------------
 
+    @weather
     def get(self, job_id: int) -> Job | None:
         return Job.get_or_none(Job.id == job_id)
 
+    @weather
     def leases(self) -> list[LeaseRow]:
         query = Job.select(Job.id, Job.anime_id, Job.episode, Job.attempt, Job.lease_owner,
                            Job.lease_deadline).where(Job.stage == STAGE_DOWNLOADING)
         return [LeaseRow(j.id, j.anime_id, j.episode, j.attempt, j.lease_owner,
                          j.lease_deadline) for j in query]
 
+    @weather
     def live_job_ids(self) -> set[int]:
         # Plain SQL: through the query builder this took 0.3 s CPU at 70,000 queued jobs.
         cursor = self.db.execute_sql("SELECT id FROM jobs WHERE stage IN (?, ?)",
                                      [STAGE_QUEUED, STAGE_DOWNLOADING])
         return {row[0] for row in cursor}
 
+    @weather
     def changed_elsewhere(self) -> bool:
         """Whether another connection (anime-enqueue, the selector) committed since the last
         call: PRAGMA data_version reads no table. Our own commits do not count."""
@@ -181,10 +268,12 @@ class SqlJobStore:
         self._data_version = version
         return changed
 
+    @weather
     def stage_counts(self) -> dict[str, int]:
         cursor = self.db.execute_sql("SELECT stage, COUNT(*) FROM jobs GROUP BY stage")
         return {stage: n for stage, n in cursor.fetchall()}
 
+    @weather
     def queue_detail(self, now: float) -> dict:
         """Counts that need the selection table or the clock; one indexed pass."""
         anime_filter = "AND j.anime_id = ?" if self.anime_id is not None else ""
@@ -201,18 +290,21 @@ class SqlJobStore:
         return {"waiting_for_selection": waiting or 0, "backing_off": backing_off or 0,
                 "next_retry_at": soonest, "runnable": (queued or 0) - (waiting or 0)}
 
+    @weather
     def animes_without_selection(self) -> list[int]:
         cursor = self.db.execute_sql(
             "SELECT DISTINCT j.anime_id FROM jobs j LEFT JOIN anime_selection_cache s "
             "ON s.mal_id = j.anime_id WHERE j.stage = 'queued' AND s.mal_id IS NULL")
         return [r[0] for r in cursor.fetchall()]
 
+    @weather
     def recent_sizes(self, limit: int = 500) -> list[tuple[int, int]]:
         cursor = self.db.execute_sql(
             "SELECT anime_id, video_size_bytes FROM jobs WHERE video_size_bytes > 0 "
             "ORDER BY finished_at DESC, id DESC LIMIT ?", [limit])
         return [(a, s) for a, s in cursor.fetchall()]
 
+    @weather
     def recent_failures(self, limit: int = 5) -> list[dict]:
         query = (Job.select(Job.id, Job.anime_id, Job.anime_title, Job.episode,
                             Job.error_message, Job.finished_at)
@@ -222,6 +314,7 @@ class SqlJobStore:
                  "episode": j.episode, "error": j.error_message, "at": j.finished_at}
                 for j in query]
 
+    @weather
     def downloaded_since(self, since: float) -> tuple[int, int]:
         count, total = self.db.execute_sql(
             "SELECT COUNT(*), COALESCE(SUM(video_size_bytes), 0) FROM jobs "
@@ -232,13 +325,21 @@ class SqlJobStore:
 class DryRunStore(SqlJobStore):
     """The queue as it is, read once, handed out in memory; the file is never written."""
 
-    def __init__(self, db_path: Path, anime_id: int | None = None) -> None:
+    def __init__(self, db_path: Path, anime_id: int | None = None,
+                 busy_timeout_ms: int = LOOP_BUSY_TIMEOUT_MS) -> None:
         if not db_path.exists():
             raise FileNotFoundError(f"no database at {db_path}")
-        self.db = models.open_db(db_path, readonly=True)
-        self.anime_id = anime_id
-        self._pending = self._snapshot()
+        super().__init__(db_path, anime_id, busy_timeout_ms)
+        self._pending: list[ClaimedJob] | None = None
         self._done: set[int] = set()
+
+    @weather
+    def open(self) -> None:
+        if self.db is None:
+            self.db = models.open_db(self.db_path, readonly=True,
+                                     busy_timeout_ms=self.busy_timeout_ms)
+        if self._pending is None:
+            self._pending = self._snapshot()
 
     def _snapshot(self) -> list[ClaimedJob]:
         anime_filter = "AND j.anime_id = ?" if self.anime_id is not None else ""
@@ -256,8 +357,8 @@ class DryRunStore(SqlJobStore):
     def readopt(self, *args: object) -> None:
         return None
 
-    def extend_lease(self, job_id: int, deadline: float) -> None:
-        pass
+    def extend_leases(self, leases: list[tuple[int, int, float]]) -> list[int]:
+        return []
 
     def mark_downloaded(self, *args: object, **kwargs: object) -> bool:
         return True
@@ -266,19 +367,21 @@ class DryRunStore(SqlJobStore):
         self._done.add(job_id)
         return "dry_run"
 
-    def mark_failed(self, job_id: int, error: str, now: float) -> None:
+    def mark_failed(self, job_id: int, *args: object) -> bool:
         self._done.add(job_id)
+        return True
 
     def leases(self) -> list[LeaseRow]:
         return []
 
+    @weather
     def queue_detail(self, now: float) -> dict:
         """Only the contract's columns: an upstream database is read as it is."""
         (waiting,) = self.db.execute_sql(
             "SELECT COUNT(*) FROM jobs j LEFT JOIN anime_selection_cache s ON s.mal_id = j.anime_id "
             "WHERE j.stage = 'queued' AND s.mal_id IS NULL").fetchone()
         return {"waiting_for_selection": waiting, "backing_off": 0, "next_retry_at": None,
-                "runnable": len(self._pending)}
+                "runnable": len(self._pending or ())}
 
     def recent_sizes(self, limit: int = 500) -> list[tuple[int, int]]:
         try:

@@ -22,7 +22,7 @@ from shared.protocol import (REASON_DRY_RUN, REASON_ERROR, REASON_HARD_LIMIT, RE
                              REASON_INVALID, REASON_NO_SPACE, REASON_TIMEOUT, DiskStateMsg, JobAck,
                              JobAssign, JobCancel, JobCommit, JobFailed, JobFinished,
                              JobHeartbeat, JobLanded, Message, ProtocolError, WorkerBye,
-                             WorkerReady, decode, encode)
+                             WorkerProbe, WorkerReady, WorkerRefused, decode, encode)
 from shared.sockets import Sockets, waiting
 from services.worker import download, shims
 from services.worker.attempt import Attempt
@@ -32,6 +32,7 @@ DISK_STALE_SECONDS = 5.0
 RESEND_SECONDS = 1.0
 RECONNECT_RETRY_SECONDS = 0.1  # asking for work while the dispatcher is not connected
 STOP_GRACE_SECONDS = 8.0  # well inside supervisord's stopwaitsecs
+REFUSED_LOG_SECONDS = 60.0  # a refused worker keeps asking; it says why once a minute
 # ani-cli ended by SIGTERM/SIGINT/SIGHUP before its trap was set: as a signal (Popen's
 # negative codes) or as a shell's 128+N.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -51,7 +52,9 @@ class Worker:
     def __init__(self, config: Config, worker_id: str) -> None:
         self.config = config
         self.worker_id = worker_id
-        self.session = os.urandom(4).hex()  # not secrets: it loads OpenSSL (+3.5 MB RSS)
+        # Not secrets (it loads OpenSSL, +3.5 MB RSS). 128 bits: the routing id is what the
+        # ROUTER hands over to a new connection, so another machine must not guess it.
+        self.session = os.urandom(16).hex()
         self.identity = f"{worker_id}/{self.session}".encode()
         self.sockets = Sockets(config)
         self.stop = StopRequest()
@@ -80,6 +83,7 @@ class Worker:
                          "progress are off", error=exc, directory=self.config.run_dir,
                          worker_id=self.worker_id))
             return None
+        self.refused_logged_at = -1e9
 
     @property
     def ctx(self) -> dict:
@@ -230,6 +234,13 @@ class Worker:
             self._on_cancel(msg)
         elif isinstance(msg, JobAck):
             self._on_ack(msg)
+        elif isinstance(msg, WorkerRefused):
+            if time.monotonic() - self.refused_logged_at >= REFUSED_LOG_SECONDS:
+                self.refused_logged_at = time.monotonic()
+                log.error(kv("the dispatcher refused this worker; asking again", why=msg.reason,
+                             **self.ctx))
+        elif isinstance(msg, WorkerProbe):
+            pass  # the dispatcher only learns that this session is still connected
         else:
             log.warning(kv("dropped message not meant for a worker", kind=msg.KIND))
 

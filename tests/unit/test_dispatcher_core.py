@@ -360,6 +360,7 @@ def test_a_restarted_worker_loses_its_old_lease(rig: Rig) -> None:
     rig.enqueue(1, [1])
     old = only_assign(rig.ready(A, 0.0), A)
     restarted = b"w01/cccc"  # same worker id, new process
+    rig.d.sessions.connected = lambda identity: identity != A  # the old process is gone
     new = only_assign(rig.ready(restarted, 1.0), restarted)
     # the old attempt went back to the queue with a retry and was handed out afresh
     assert (new.job_id, new.attempt) == (old.job_id, old.attempt + 1)

@@ -6,6 +6,7 @@ request, and a rendering that fits 80 columns.
 from __future__ import annotations
 
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,7 @@ def sample(title: str = "Fullmetal Alchemist: Brotherhood") -> dict:
             {"id": 21, "anime_id": 10087, "anime_title": "Fate/Zero", "episode": 1,
              "selected_title": "Fate/Zero", "site_title": "Fate/Zero Season 2", "at": NOW - 30},
         ],
+        "database": {"busy_since": None, "error": None, "pending_writes": 0},
     }
 
 
@@ -219,10 +221,11 @@ def test_the_document_has_the_documented_shape_and_worker_states(dispatcher: Dis
 
     s = served(d, t + 2)
     assert QUEUE_KEYS <= set(s["queue"]) and DISK_KEYS <= set(s["disk"])
-    # Exactly the keys of the example in README.md ("Seeing what it is doing") (sample() mirrors it).
+    # Exactly the keys of the example in README.md ("Seeing what it is doing") (sample() mirrors
+    # it), and "database" (README, "The database contract").
     doc = sample()
     assert set(s) == set(doc)
-    for part in ("dispatcher", "queue", "disk", "last_hour"):
+    for part in ("dispatcher", "queue", "disk", "last_hour", "database"):
         assert set(s[part]) == set(doc[part]), part
     assert {k for w in s["workers"] for k in w} == set(doc["workers"][0])
     assert {k for w in s["workers"] for k in w["job"]} == set(doc["workers"][0]["job"])
@@ -267,3 +270,13 @@ def test_last_hour_counts_only_the_last_hour(dispatcher: Dispatcher) -> None:
     for at, size in [(NOW - 4000, 1), (NOW - 3000, 100), (NOW - 10, 300)]:
         d.landed_recent.append((at, size))
     assert served(d, NOW)["last_hour"] == {"downloaded": 2, "bytes": 400, "average_size_bytes": 200}
+
+
+def test_a_busy_database_shows_as_one_line_under_the_header() -> None:
+    doc = sample()
+    assert "database" not in render_text(doc)
+    doc["database"] = {"busy_since": NOW - 5, "error": "database is locked", "pending_writes": 2}
+    lines = render_text(doc).splitlines()
+    assert lines[1] == f"database busy since {time.strftime('%H:%M:%S', time.localtime(NOW - 5))} (2 writes waiting)"
+    assert "database is locked" in lines[2]
+    assert max(len(line) for line in lines) <= 80
