@@ -73,6 +73,7 @@ class Worker:
         self.next_beat = 0.0
         self.stop_deadline: float | None = None
         self.host = socket.gethostname()
+        self.refused_logged_at = -1e9
         self.tools = self._install_shims()
 
     def _install_shims(self) -> shims.Shims | None:
@@ -83,7 +84,6 @@ class Worker:
                          "progress are off", error=exc, directory=self.config.run_dir,
                          worker_id=self.worker_id))
             return None
-        self.refused_logged_at = -1e9
 
     @property
     def ctx(self) -> dict:
