@@ -27,6 +27,7 @@ from pathlib import Path
 
 from shared.config import Config
 from shared.lifecycle import StopRequest, config_or_exit
+from shared.storage import identify_or_exit
 
 REPO_DIR = Path(__file__).resolve().parent.parent
 TEMPLATE = REPO_DIR / "supervisord.conf"
@@ -301,6 +302,9 @@ class Launcher:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     config = config_or_exit("anime-downloader", args.config)
+    if not args.dry_run:  # a dry run writes nothing, not even the storage's marker
+        identify_or_exit("anime-downloader", config.root_dir, config.storage_dir,
+                         config.create_storage_dir)
     return Launcher(config, args).run()
 
 

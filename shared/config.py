@@ -106,6 +106,9 @@ class Config(Record):
     downloader: DownloaderConfig
     queue: QueueConfig
     zmq: ZmqConfig
+    # A missing storage_dir is created at start (the old behaviour); by default it is
+    # refused: it is most likely the mount point of a disk that is not mounted.
+    create_storage_dir: bool = False
 
     @property
     def db_path(self) -> Path:
@@ -178,6 +181,7 @@ SCHEMA: dict[str, dict[str, tuple[Check, Any]]] = {
     "data": {
         "root_dir": (_string, REQUIRED),
         "storage_dir": (_string, REQUIRED),
+        "create_storage_dir": (_bool, False),
     },
     "disk_management": {
         "hard_limit_gb": (_positive, REQUIRED),
@@ -338,6 +342,7 @@ def parse_config(path: Path, raw: dict[str, Any]) -> Config:
         downloader=DownloaderConfig(**{**downloader, "extra_args": tuple(downloader["extra_args"])}),
         queue=QueueConfig(**queue),
         zmq=ZmqConfig(**endpoints, curve=curve),
+        create_storage_dir=data["create_storage_dir"],
     )
 
 
