@@ -10,6 +10,10 @@ filesystem keeps ``min_free`` free after every reservation is filled.
 A released reservation keeps counting until a measurement taken after its
 release arrives: a landed file moves from ``.in_progress`` to ``videos``, and an
 old measurement may have seen neither.
+
+An ``unavailable`` storage refuses every job (but in a dry run, which writes
+nothing), and so does a worker's report that it found the storage unavailable,
+until the disk-watcher has looked again.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from shared.config import DiskConfig
 from shared.protocol import DiskStateMsg
 
 STALE_AFTER_SECONDS = 5.0  # no fresh disk state for this long: treat as paused
+UNAVAILABLE = "unavailable"
 
 
 @dataclass
@@ -38,11 +43,13 @@ class Reservation:
 class Admission:
     disk: DiskConfig
     stale_after: float = STALE_AFTER_SECONDS
+    ignore_storage: bool = False  # a dry run writes nothing: an unavailable storage is no refusal
     state: DiskStateMsg | None = None
     received_at: float = 0.0
     reservations: dict[int, Reservation] = field(default_factory=dict)
     settling: list[tuple[float, int]] = field(default_factory=list)
     no_space_at: float | None = None  # set by an ENOSPC failure, cleared by a fresh state
+    storage_failed_at: float | None = None  # a worker found the storage unavailable
     _per_anime: dict[int, deque] = field(default_factory=lambda: defaultdict(lambda: deque(maxlen=20)))
     _overall: deque = field(default_factory=lambda: deque(maxlen=50))
 
@@ -57,6 +64,8 @@ class Admission:
         if self.no_space_at is not None and msg.measured_at > self.no_space_at:
             if msg.free_bytes - self.disk.min_free_bytes >= self.expected_for(None):
                 self.no_space_at = None
+        if self.storage_failed_at is not None and msg.published_at > self.storage_failed_at:
+            self.storage_failed_at = None  # the disk-watcher has looked since: its word holds
 
     def record_size(self, anime_id: int, size: int) -> None:
         if size > 0:
@@ -107,6 +116,12 @@ class Admission:
             return "no disk state yet"
         if not self.fresh(now):
             return "disk state is stale (disk-watcher down?)"
+        if self.state.state == UNAVAILABLE:
+            if self.ignore_storage:
+                return None
+            return f"storage unavailable: {self.state.reason or 'no reason given'}"
+        if self.storage_failed_at is not None:
+            return "a worker found the storage unavailable; waiting for the disk-watcher"
         if self.state.state != "running":
             return f"disk {self.state.state}: {self._why_not_running()}"
         if self.no_space_at is not None:

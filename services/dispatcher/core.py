@@ -29,10 +29,11 @@ from shared.config import Config
 from shared.lifecycle import kv
 from shared.models import STAGE_DOWNLOADED, STAGE_DOWNLOADING, STAGE_FAILED, STAGE_QUEUED
 from shared.protocol import (REASON_DRY_RUN, REASON_ERROR,
-                             REASON_INVALID, REASON_NO_SPACE, REASON_TIMEOUT, DiskMeasure,
-                             DiskStateMsg, JobAck, JobAssign, JobCancel, JobCommit, JobFailed,
-                             JobFinished, JobHeartbeat, JobLanded, Message,
-                             WorkerBye, WorkerReady)
+                             REASON_INVALID, REASON_NO_SPACE, REASON_STORAGE, REASON_TIMEOUT,
+                             DiskMeasure, DiskStateMsg, JobAck, JobAssign, JobCancel,
+                             JobCommit, JobFailed, JobFinished, JobHeartbeat, JobLanded,
+                             Message, WorkerBye, WorkerReady)
+from shared.storage import StorageWatch
 from services.dispatcher.admission import Admission
 from services.dispatcher.store import ClaimedJob, SqlJobStore
 
@@ -102,6 +103,7 @@ class Dispatcher:
     options: Options = field(default_factory=Options)
     rng: random.Random = field(default_factory=random.Random)
     admission: Admission = field(init=False)
+    storage: StorageWatch = field(init=False)  # identifies the storage if nobody did yet
     leases: dict[int, Lease] = field(default_factory=dict)
     idle: OrderedDict = field(default_factory=OrderedDict)  # identity -> (seq, seen_at)
     consumed_seq: dict[bytes, int] = field(default_factory=dict)
@@ -124,7 +126,10 @@ class Dispatcher:
     _disk_stale: bool = False
 
     def __post_init__(self) -> None:
-        self.admission = Admission(self.config.disk)
+        self.admission = Admission(self.config.disk, ignore_storage=self.options.dry_run)
+        self.storage = StorageWatch(self.config.root_dir, self.config.storage_dir,
+                                    create=self.config.create_storage_dir,
+                                    claim=not self.options.dry_run)
 
     # --- start-up -----------------------------------------------------------
 
@@ -146,12 +151,17 @@ class Dispatcher:
             log.info(kv("lease re-adopted, waiting for its worker", job_id=row.id,
                         anime_id=row.anime_id, episode=row.episode, owner=row.owner,
                         attempt=row.attempt))
+        self.storage.poll(now)
         self._sweep_private_dirs()
         self._refresh_counts(now, force=True)
 
     def _sweep_private_dirs(self) -> None:
         root = layout.in_progress_root(self.config.storage_dir)
         if self.options.dry_run or not root.is_dir():
+            return
+        problem = self.storage.problem()  # another installation's private dirs are not stale
+        if problem is not None:
+            log.warning(kv("not sweeping private directories", why=problem))
             return
         live = self.store.live_job_ids()
         for path in root.iterdir():
@@ -341,6 +351,9 @@ class Dispatcher:
         if msg.reason == REASON_NO_SPACE:
             self.admission.no_space_at = now
             self._request_measure("no space left on device", now)
+        if msg.reason == REASON_STORAGE:  # not counted; hand out nothing until the watcher looked
+            self.admission.storage_failed_at = now
+            self._request_measure("a worker found the storage unavailable", now)
         count = msg.reason in COUNTED_REASONS
         self._requeue(lease, now, count, msg.error, context)
         return ack
@@ -435,8 +448,8 @@ class Dispatcher:
         previous = self.admission.state.state if self.admission.state else None
         self.admission.on_disk_state(msg, now)
         if msg.state != previous:
-            log.info(kv("disk state", state=msg.state, usage=msg.usage_bytes,
-                        free=msg.free_bytes, seq=msg.seq))
+            log.info(kv("disk state", state=msg.state, reason=msg.reason or None,
+                        usage=msg.usage_bytes, free=msg.free_bytes, seq=msg.seq))
         return self._assign(now)
 
     def _request_measure(self, reason: str, now: float) -> None:
@@ -462,6 +475,7 @@ class Dispatcher:
             self.idle.pop(identity, None)
             log.info(kv("worker silent, forgotten", worker_id=owner_worker_id(identity)))
         self._refresh_counts(now)
+        self.storage.poll(now)
         return self._assign(now)
 
     def _assign(self, now: float) -> list[Outgoing]:
@@ -524,7 +538,8 @@ class Dispatcher:
                          selected_index=int(job.selected_index or 0),
                          selected_title=str(job.selected_title or ""),
                          confidence=str(job.confidence or ""), lease_seconds=lease_seconds,
-                         rate_limit_bps=self._rate_share(), dry_run=self.options.dry_run)
+                         rate_limit_bps=self._rate_share(), dry_run=self.options.dry_run,
+                         storage_id=self.storage.storage_id)
 
     def _rate_share(self) -> int:
         """A worker's share of total_bandwidth_mbps, in bytes/s, fixed for the whole attempt.
