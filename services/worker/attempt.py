@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from pathlib import Path
 
-from shared import layout
+from shared import layout, storage
 from shared.config import Config
 from shared.lifecycle import kv
 from shared.protocol import JobAssign
@@ -110,7 +110,9 @@ class Attempt:
     def prepare(self) -> None:
         """Create and lock the private directory. One that was there already belongs to an
         earlier attempt: kill what a killed worker left running in it, drop staged files.
-        (Few files per job: on ext4 every inode freed slows the next allocations.)"""
+        (Few files per job: on ext4 every inode freed slows the next allocations.)
+        Nothing is created unless storage_dir is the storage the dispatcher named."""
+        self.require_storage()
         fresh = _make_dir(self.private_dir)
         os.makedirs(self.download_dir, exist_ok=True)
         fd = os.open(self.private_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
@@ -247,6 +249,17 @@ class Attempt:
             return max(latest.downloaded_bytes, on_disk)
         return on_disk
 
+    # --- the storage --------------------------------------------------------
+
+    def storage_problem(self) -> str | None:
+        """Why the storage cannot be written now (shared/storage.py), or None."""
+        return storage.problem(self.config.storage_dir, self.job.storage_id)
+
+    def require_storage(self) -> None:
+        """Checked before every write phase: the disk-watcher's word is up to a second old."""
+        storage.require(self.config.storage_dir, self.job.storage_id,
+                        self.config.create_storage_dir)
+
     # --- after ani-cli ------------------------------------------------------
 
     def start_post(self, file: Path) -> None:
@@ -303,7 +316,8 @@ class Attempt:
         """Put the staged file at its final path; never replace an existing episode."""
         assert self.post is not None and self.post.staged is not None
         target = Path(video_path)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        self.require_storage()
+        layout.make_dirs_below(self.config.storage_dir, target.parent)
         write_metadata(self.config.storage_dir, self.job, target, self.post.duration)
         try:
             os.link(self.post.staged, target)
@@ -322,7 +336,10 @@ class Attempt:
         """Remove what this attempt leaves: everything, or only the staged file."""
         if keep_partials:
             for staged in self.private_dir.glob(f"ready-a{self.job.attempt}*"):
-                staged.unlink(missing_ok=True)
+                try:
+                    staged.unlink(missing_ok=True)
+                except OSError:  # a read-only or failing storage: the next attempt removes it
+                    pass
         else:
             remove_private_dir(self.private_dir)
         self.release()
@@ -366,14 +383,18 @@ def _start_time(pid: int) -> str | None:
 
 
 def _make_dir(path: Path) -> bool:
-    """Create ``path`` (and its parents); False if it was there already."""
+    """Create ``path`` (and ``.in_progress`` above it, never storage_dir itself); False if it
+    was there already."""
     try:
         os.mkdir(path)
         return True
     except FileExistsError:
         return False
     except FileNotFoundError:
-        os.makedirs(path.parent, exist_ok=True)
+        try:
+            os.mkdir(path.parent)
+        except FileExistsError:
+            pass
         return _make_dir(path)
 
 
