@@ -91,6 +91,9 @@ class DownloaderConfig(Record):
     container: str = "mkv"  # "mkv": remux losslessly into Matroska; "keep": as downloaded
     total_bandwidth_mbps: float = 0.0  # 0 = unlimited; shared across active workers
     verify: bool = True  # check with ffprobe/ffmpeg that the file is a playable video
+    # Checking (and remuxing) a file may take this long per GB, never less: a time-out is
+    # no proof of a bad file (a slow NFS mount), so it is a retry that keeps the file.
+    verify_timeout_seconds: float = 120.0
 
 
 class QueueConfig(Record):
@@ -206,6 +209,7 @@ SCHEMA: dict[str, dict[str, tuple[Check, Any]]] = {
         "container": (_one_of("mkv", "keep"), "mkv"),
         "total_bandwidth_mbps": (_non_negative, 0.0),
         "verify": (_bool, True),
+        "verify_timeout_seconds": (_positive, 120.0),
     },
     "queue": {
         "lease_seconds": (_positive, 30.0),

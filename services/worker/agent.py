@@ -220,7 +220,10 @@ class Worker:
         if a.phase == "downloading" and a.proc is not None:
             if a.kill_reason is None:  # once: a repeat would postpone the SIGKILL escalation
                 a.kill(reason, signal.SIGTERM)
-        elif a.phase in ("verifying", "awaiting_commit"):
+        elif a.phase == "verifying":
+            a.stop_post()  # kills its ffmpeg at once: a remux must not go on writing
+            self._fail(reason, self._why_stopped(reason))
+        elif a.phase == "awaiting_commit":
             self._fail(reason, self._why_stopped(reason))
         # reporting: the file landed or the failure is on its way; let it finish
 
@@ -406,7 +409,9 @@ class Worker:
         if post.error is not None:
             if post.no_space:
                 a.clear_partials()
-            self._fail(REASON_NO_SPACE if post.no_space else REASON_ERROR, post.error)
+            reason = (REASON_NO_SPACE if post.no_space else REASON_TIMEOUT if post.timed_out
+                      else REASON_INTERRUPTED if post.stopped else REASON_ERROR)
+            self._fail(reason, post.error)
             return
         a.phase = "awaiting_commit"
         self.report(JobFinished(worker_id=self.worker_id, session=self.session,

@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from shared import layout, storage
 from shared.config import Config
@@ -35,6 +36,9 @@ from shared.lifecycle import kv
 from shared.protocol import JobAssign
 from services.worker import download
 from services.worker.progress import OutputTail, Progress, ProgressParser
+
+if TYPE_CHECKING:  # video is imported when a post step starts: an idle worker stays small
+    from services.worker.video import RemuxError, Stopper
 
 log = logging.getLogger(__name__)
 # With a pidfd for its exit, ani-cli's output is read at most this often: every write
@@ -56,6 +60,8 @@ class PostResult:
     duration: float | None = None
     error: str | None = None
     no_space: bool = False
+    timed_out: bool = False  # the check or remux ran out of time: the file is kept for a retry
+    stopped: bool = False  # stop_post() ended it: no verdict
 
 
 @dataclass
@@ -81,6 +87,10 @@ class Attempt:
     post: PostResult | None = None
     post_thread: threading.Thread | None = None
     post_wakeup: tuple[int, int] | None = None  # pipe: the thread writes a byte when done
+    post_stopper: Stopper | None = None  # ends the post step's tools (stop_post)
+    _post_running: bool = False  # guarded by _post_lock, as is post_wakeup once the thread runs
+    _post_orphaned: bool = False  # the attempt let go of a thread that has not ended: it closes the pipe
+    _post_lock: threading.Lock = field(default_factory=threading.Lock)
     lock_fd: int | None = None
     exit_fd: int | None = None  # pidfd of ani-cli: readable once it has exited
     read_due: float = 0.0  # monotonic time from which ani-cli's output is polled again
@@ -263,40 +273,88 @@ class Attempt:
     # --- after ani-cli ------------------------------------------------------
 
     def start_post(self, file: Path) -> None:
-        """Verify and remux in a thread, so heartbeats go on during a long check."""
+        """Verify and remux in a thread, so heartbeats go on during a long check;
+        ``stop_post()`` ends it (and its ffmpeg) at once."""
+        from services.worker import video
+
         self.phase = "verifying"
         self.post_wakeup = os.pipe()
+        self.post_stopper = video.Stopper(on_start=lambda pid: _record_group(self.lock_fd, pid))
+        self._post_running = True
         self.post_thread = threading.Thread(target=self._post, args=(file,), daemon=True)
         self.post_thread.start()
 
     def _post(self, file: Path) -> None:
+        from services.worker import video
+
         try:
             self.post = self._verify_and_stage(file)
+        except video.Stopped:
+            self.post = PostResult(error="post-processing stopped", stopped=True)
         except OSError as exc:
-            self.post = PostResult(error=f"Failed to write video file: {exc.strerror}",
+            self.post = PostResult(error=f"Failed to write video file: {exc.strerror or exc}",
                                    no_space=download.is_no_space_error(exc))
         except Exception as exc:  # a bug here must fail the attempt, not hang it
             log.exception(kv("post-processing failed", **self.context))
             self.post = PostResult(error=f"post-processing failed: {exc}")
         finally:
-            os.write(self.post_wakeup[1], b"\0")  # wakes the worker's poller
+            with self._post_lock:
+                self._post_running = False
+                if self._post_orphaned:
+                    self._close_post_pipe()
+                else:
+                    os.write(self.post_wakeup[1], b"\0")  # wakes the worker's poller
+
+    def stop_post(self, wait_seconds: float = 5.0) -> None:
+        """End the post step: kill the ffmpeg it runs, wait for its thread, close its pipe.
+        Idempotent; harmless when no post step ran. (A thread that does not end in time
+        closes the pipe itself when it does.)"""
+        if self.post_stopper is not None:
+            self.post_stopper.stop()
+        thread = self.post_thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(wait_seconds)
+        with self._post_lock:
+            if self._post_running:
+                self._post_orphaned = True
+            else:
+                self._close_post_pipe()
+
+    def _close_post_pipe(self) -> None:
+        if self.post_wakeup is not None:
+            for fd in self.post_wakeup:
+                os.close(fd)
+            self.post_wakeup = None
 
     def _verify_and_stage(self, file: Path) -> PostResult:
+        """Verify, remux to MKV, stage. What it returns keeps the download unless the file
+        is bad: a time-out or a full disk says nothing against the file."""
         d = self.config.downloader
         duration = None
         if d.verify or d.container == "mkv":
             from services.worker import video
 
+            stopper = self.post_stopper
+            timeout = video.timeout_for(file.stat().st_size, d.verify_timeout_seconds)
             if d.verify:
                 try:
-                    duration = video.verify_video(file).duration_seconds
+                    duration = video.verify_video(file, timeout, stopper).duration_seconds
+                except video.VerifyTimeout as exc:
+                    return PostResult(error=f"verify timed out: {exc} (the file is kept for the "
+                                            "retry; raise [downloader] verify_timeout_seconds "
+                                            "if the disk is slow)", timed_out=True)
                 except video.NotAVideo as exc:
                     file.unlink(missing_ok=True)  # a retry must not find it again
                     return PostResult(error=f"Downloaded file is not a playable video: {exc}")
             if d.container == "mkv" and file.suffix.lower() != ".mkv":
                 if video.find_ffmpeg() is not None:
                     staged = self.private_dir / f"ready-a{self.job.attempt}.mkv"
-                    video.remux_to_mkv(file, staged)
+                    try:
+                        video.remux_to_mkv(file, staged, timeout, stopper)
+                    except video.RemuxError as exc:
+                        return _remux_failed(exc)
+                    if stopper is not None:
+                        stopper.check()
                     file.unlink()
                     return self._staged(staged, duration)
                 _warn_no_ffmpeg()
@@ -334,6 +392,7 @@ class Attempt:
 
     def discard(self, keep_partials: bool) -> None:
         """Remove what this attempt leaves: everything, or only the staged file."""
+        self.stop_post()
         if keep_partials:
             for staged in self.private_dir.glob(f"ready-a{self.job.attempt}*"):
                 try:
@@ -354,10 +413,7 @@ class Attempt:
         if self.exit_fd is not None:
             os.close(self.exit_fd)
             self.exit_fd = None
-        if self.post_wakeup is not None and (self.post_thread is None or not self.post_thread.is_alive()):
-            for fd in self.post_wakeup:
-                os.close(fd)
-            self.post_wakeup = None
+        self.stop_post()
 
 
 @lru_cache(maxsize=1)
@@ -396,6 +452,14 @@ def _make_dir(path: Path) -> bool:
         except FileExistsError:
             pass
         return _make_dir(path)
+
+
+def _remux_failed(exc: RemuxError) -> PostResult:
+    """A remux that failed keeps the download."""
+    if exc.timed_out:
+        return PostResult(error=f"remux timed out: {exc} (the file is kept for the retry)",
+                          timed_out=True)
+    return PostResult(error=f"post-processing failed: {exc}")
 
 
 def _record_group(lock_fd: int | None, pid: int) -> None:
