@@ -11,6 +11,10 @@ A released reservation keeps counting until a measurement taken after its
 release arrives: a landed file moves from ``.in_progress`` to ``videos``, and an
 old measurement may have seen neither.
 
+A job is reserved at its peak, not at its final size: with ``container = "mkv"``
+the remux writes a second full copy next to the download before the download is
+deleted, so a job holds up to twice its episode at once (``peak_factor``).
+
 An ``unavailable`` storage refuses every job (but in a dry run, which writes
 nothing), and so does a worker's report that it found the storage unavailable,
 until the disk-watcher has looked again.
@@ -21,11 +25,17 @@ from __future__ import annotations
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
-from shared.config import DiskConfig
+from shared.config import DiskConfig, DownloaderConfig
 from shared.protocol import DiskStateMsg
 
 STALE_AFTER_SECONDS = 5.0  # no fresh disk state for this long: treat as paused
 UNAVAILABLE = "unavailable"
+
+
+def peak_factor(downloader: DownloaderConfig) -> float:
+    """How many copies of an episode a job holds at its peak: the download and its MKV
+    remux side by side (ffmpeg cannot remux in place), else the download alone."""
+    return 2.0 if downloader.container == "mkv" else 1.0
 
 
 @dataclass
@@ -43,6 +53,7 @@ class Reservation:
 class Admission:
     disk: DiskConfig
     stale_after: float = STALE_AFTER_SECONDS
+    peak_factor: float = 1.0  # see peak_factor()
     ignore_storage: bool = False  # a dry run writes nothing: an unavailable storage is no refusal
     state: DiskStateMsg | None = None
     received_at: float = 0.0
@@ -62,7 +73,7 @@ class Admission:
         self.received_at = now
         self.settling = [(t, b) for t, b in self.settling if t >= msg.measured_at]
         if self.no_space_at is not None and msg.measured_at > self.no_space_at:
-            if msg.free_bytes - self.disk.min_free_bytes >= self.expected_for(None):
+            if msg.free_bytes - self.disk.min_free_bytes >= self.peak_for(None):
                 self.no_space_at = None
         if self.storage_failed_at is not None and msg.published_at > self.storage_failed_at:
             self.storage_failed_at = None  # the disk-watcher has looked since: its word holds
@@ -80,8 +91,12 @@ class Admission:
             return int(sum(sizes) / len(sizes))
         return self.disk.expected_episode_bytes
 
+    def peak_for(self, anime_id: int | None) -> int:
+        """What a job of this anime may occupy at once (see ``peak_factor``)."""
+        return int(self.expected_for(anime_id) * self.peak_factor)
+
     def reserve(self, job_id: int, anime_id: int) -> None:
-        self.reservations[job_id] = Reservation(anime_id, self.expected_for(anime_id))
+        self.reservations[job_id] = Reservation(anime_id, self.peak_for(anime_id))
 
     def written(self, job_id: int, written: int) -> None:
         reservation = self.reservations.get(job_id)
@@ -126,7 +141,7 @@ class Admission:
             return f"disk {self.state.state}: {self._why_not_running()}"
         if self.no_space_at is not None:
             return "no space left on device; waiting for space"
-        expected = self.expected_for(anime_id)
+        expected = self.peak_for(anime_id)
         if self.committed_bytes() + expected > self.disk.pause_bytes:
             return "budget: in-flight reservations would pass pause_threshold_gb"
         free_after = self.state.free_bytes - self._unwritten() - expected

@@ -34,7 +34,7 @@ from shared.protocol import (REASON_DRY_RUN, REASON_ERROR,
                              JobCommit, JobFailed, JobFinished, JobHeartbeat, JobLanded,
                              Message, WorkerBye, WorkerReady)
 from shared.storage import StorageWatch
-from services.dispatcher.admission import Admission
+from services.dispatcher.admission import Admission, peak_factor
 from services.dispatcher.store import ClaimedJob, SqlJobStore
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,8 @@ class Dispatcher:
     _disk_stale: bool = False
 
     def __post_init__(self) -> None:
-        self.admission = Admission(self.config.disk, ignore_storage=self.options.dry_run)
+        self.admission = Admission(self.config.disk, peak_factor=peak_factor(self.config.downloader),
+                                   ignore_storage=self.options.dry_run)
         self.storage = StorageWatch(self.config.root_dir, self.config.storage_dir,
                                     create=self.config.create_storage_dir,
                                     claim=not self.options.dry_run)

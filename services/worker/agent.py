@@ -197,7 +197,7 @@ class Worker:
             return
         if msg.state == "unavailable" or self.storage_problem is not None:
             self._interrupt(REASON_STORAGE)
-        elif msg.state == "hard_limit" and a.phase == "downloading":
+        elif msg.state == "hard_limit" and a.phase in ("downloading", "verifying"):
             self._interrupt(REASON_HARD_LIMIT)
 
     def _check_own_storage(self, msg: DiskStateMsg) -> None:
@@ -222,7 +222,11 @@ class Worker:
                 a.kill(reason, signal.SIGTERM)
         elif a.phase == "verifying":
             a.stop_post()  # kills its ffmpeg at once: a remux must not go on writing
-            self._fail(reason, self._why_stopped(reason))
+            if reason == REASON_HARD_LIMIT:
+                a.clear_partials()
+                self._fail(reason, "aborted: disk usage reached hard_limit_gb")
+            else:
+                self._fail(reason, self._why_stopped(reason))
         elif a.phase == "awaiting_commit":
             self._fail(reason, self._why_stopped(reason))
         # reporting: the file landed or the failure is on its way; let it finish

@@ -253,11 +253,23 @@ class Attempt:
         return self.proc.returncode
 
     def bytes_written(self) -> int:
+        """What the attempt occupies: the download, and while verifying the remux's copy."""
         latest = self.latest
         on_disk = download.bytes_in(self.download_dir)
+        if self.phase == "verifying":
+            on_disk += self._staged_bytes()
         if latest is not None and latest.downloaded_bytes:
             return max(latest.downloaded_bytes, on_disk)
         return on_disk
+
+    def _staged_bytes(self) -> int:
+        total = 0
+        for staged in self.private_dir.glob(f"ready-a{self.job.attempt}*"):
+            try:
+                total += staged.stat().st_size
+            except OSError:
+                continue
+        return total
 
     # --- the storage --------------------------------------------------------
 
@@ -455,7 +467,10 @@ def _make_dir(path: Path) -> bool:
 
 
 def _remux_failed(exc: RemuxError) -> PostResult:
-    """A remux that failed keeps the download."""
+    """A remux that failed keeps the download (removed only when the disk is full)."""
+    if exc.no_space:
+        return PostResult(error="Failed to write video file: No space left on device "
+                                f"(remux: {exc})", no_space=True)
     if exc.timed_out:
         return PostResult(error=f"remux timed out: {exc} (the file is kept for the retry)",
                           timed_out=True)

@@ -91,11 +91,12 @@ class VerifyTimeout(NotAVideo):
 
 
 class RemuxError(Exception):
-    """ffmpeg could not remux the file; ``str(exc)`` is the reason. ``timed_out``: it did
-    not finish in time."""
+    """ffmpeg could not remux the file; ``str(exc)`` is the reason. ``no_space``: it ran
+    out of space writing the copy; ``timed_out``: it did not finish in time."""
 
-    def __init__(self, reason: str, timed_out: bool = False) -> None:
+    def __init__(self, reason: str, no_space: bool = False, timed_out: bool = False) -> None:
         super().__init__(reason)
+        self.no_space = no_space
         self.timed_out = timed_out
 
 
@@ -103,6 +104,7 @@ class Stopped(Exception):
     """The check or remux was stopped from outside (``Stopper.stop``): no verdict."""
 
 
+NO_SPACE_TEXTS = ("No space left on device", "Disk quota exceeded")  # ffmpeg's strerror
 GB = 10**9
 
 
@@ -611,7 +613,9 @@ def remux_to_mkv(src: Path, dst: Path, timeout_seconds: float = 600,
             raise RemuxError(f"cannot run ffmpeg: {exc}") from None
         if rc != 0:
             _unlink(dst)
-            raise RemuxError(f"ffmpeg exit {rc}: {_tail(err, 1000) or 'no message'}")
+            tail = _tail(err, 1000)
+            raise RemuxError(f"ffmpeg exit {rc}: {tail or 'no message'}",
+                             no_space=any(text in tail for text in NO_SPACE_TEXTS))
     if not dst.is_file() or dst.stat().st_size == 0:
         _unlink(dst)
         raise RemuxError("ffmpeg produced no output")

@@ -239,3 +239,21 @@ def test_a_worker_finding_the_storage_gone_stops_admission_until_the_watcher_loo
     assert adm.refusal(10.7) is not None
     adm.on_disk_state(msg(seq=3, measured_at=11.0), now=11.0)
     assert adm.refusal(11.0) is None
+
+
+def test_an_mkv_job_is_reserved_at_its_peak_of_two_copies() -> None:
+    from services.dispatcher.admission import peak_factor
+    from shared.config import DownloaderConfig
+
+    assert peak_factor(DownloaderConfig(container="mkv")) == 2.0
+    assert peak_factor(DownloaderConfig(container="keep")) == 1.0
+    adm = Admission(disk_config(), peak_factor=2.0)
+    adm.on_disk_state(msg(usage=0, measured_at=0.0), now=0.0)
+    for job in range(4):  # 200 kB each at its peak: 5 fit under the 1 MB pause, not 10
+        assert adm.refusal(0.0, anime_id=1) is None
+        adm.reserve(job, anime_id=1)
+    assert adm.reserved_bytes() == 4 * 2 * EXPECTED
+    adm.reserve(4, anime_id=1)
+    assert adm.refusal(0.0, anime_id=1) == BUDGET
+    adm.written(0, 3 * EXPECTED)  # a remux copy bigger than expected: counted as written
+    assert adm.reserved_bytes() == 4 * 2 * EXPECTED + 3 * EXPECTED

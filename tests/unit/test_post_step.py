@@ -1,8 +1,9 @@
 """The worker's post-download step (services/worker/attempt.py): verify, remux, stage.
 
-A time-out is no verdict on the file, and stopping the step (a cancelled lease, a
-stop, the storage gone) ends its ffmpeg and frees its pipe. Slow tools are stand-ins
-named ``ffmpeg``/``ffprobe`` first on PATH (a slow NFS mount).
+A time-out is no verdict on the file, a remux that runs out of space is lack of space,
+and stopping the step (a cancelled lease, a stop, the hard limit) ends its ffmpeg and
+frees its pipe. Slow tools are stand-ins named ``ffmpeg``/``ffprobe`` first on PATH
+(a slow NFS mount); the ENOSPC is a real remux into a real full tmpfs (root only).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from services.worker import video
 from services.worker.agent import Worker
 from services.worker.attempt import Attempt
 from shared.config import load_config
-from shared.protocol import REASON_TIMEOUT, JobAssign
+from shared.protocol import REASON_NO_SPACE, REASON_TIMEOUT, JobAssign
 from tests.system import render_toml, wait_for
 
 SLOW_TOOL = """#!/bin/sh
@@ -132,6 +133,37 @@ def test_stop_post_before_a_tool_starts_stops_it_too(tmp_path: Path, slow_tools:
     assert started_pids(slow_tools) == []
 
 
+@pytest.fixture
+def small_tmpfs(tmp_path: Path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+@pytest.mark.skipif(video.find_ffmpeg() is None, reason="needs ffmpeg (PATH or imageio-ffmpeg)")
+def test_a_remux_that_runs_out_of_space_is_lack_of_space(tmp_path: Path, small_tmpfs: Path) -> None:
+    source = tmp_path / "src.mp4"  # ~650 kB of real video: its copy does not fit in 1 MiB
+    subprocess.run([video.find_ffmpeg(), "-nostdin", "-v", "error", "-f", "lavfi", "-i",
+                    "testsrc=size=320x240:rate=25:duration=8", "-c:v", "libx264", "-preset",
+                    "ultrafast", "-b:v", "1700k", str(source)], check=True, timeout=60)
+    assert 550_000 < source.stat().st_size < 1_000_000, source.stat().st_size
+    a = make_attempt(tmp_path, verify=False, container="mkv")
+    file = download(a, source.read_bytes())
+    a.start_post(file)
+    post = post_result(a, 30)
+    assert post.no_space and "No space left on device" in post.error, post
+    assert list(a.private_dir.glob("ready-a*")) == [], "the partial copy is left behind"
+    calls = []
+    Worker._after_post(SimpleNamespace(_fail=lambda reason, error: calls.append(reason)), a)
+    assert calls == [REASON_NO_SPACE]
+    a.release()
+
+
 # --- the worker stops a post step for the disk ---------------------------------------
 
 
@@ -168,6 +200,20 @@ def disk_state(state: str, reason: str = "") -> "DiskStateMsg":
                   pause_threshold_bytes=1, resume_threshold_bytes=0, hard_limit_bytes=2,
                   min_free_bytes=0, measured_at=now, published_at=now)
     return DiskStateMsg(**fields, **({"reason": reason} if reason else {}))
+
+
+def test_a_remux_at_the_hard_limit_is_aborted_and_its_files_freed(tmp_path: Path, slow_tools: Path,
+                                                                   worker) -> None:
+    a = make_attempt(tmp_path, verify=False, container="mkv", verify_timeout_seconds=60)
+    file = download(a)
+    a.start_post(file)
+    pid = wait_for(lambda: started_pids(slow_tools), 10, "the remux to start")[0]
+    w = worker(a)
+    w._on_disk(disk_state("hard_limit"))
+    assert not running(pid), "the remux went on writing at the hard limit"
+    assert (w.pending.reason, w.pending.error) == ("hard_limit",
+                                                   "aborted: disk usage reached hard_limit_gb")
+    assert not file.exists() and list(a.private_dir.glob("ready-a*")) == []
 
 
 def test_a_verify_on_a_storage_that_went_away_is_handed_back_with_its_files(
