@@ -21,7 +21,7 @@ from services.worker import video
 from services.worker.agent import Worker
 from services.worker.attempt import Attempt
 from shared.config import load_config
-from shared.protocol import REASON_NO_SPACE, REASON_TIMEOUT, JobAssign
+from shared.protocol import REASON_NO_SPACE, REASON_TIMEOUT, DiskStateMsg, JobAssign
 from tests.system import render_toml, wait_for
 
 SLOW_TOOL = """#!/bin/sh
@@ -192,9 +192,7 @@ def worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         w.sockets.close()
 
 
-def disk_state(state: str, reason: str = "") -> "DiskStateMsg":
-    from shared.protocol import DiskStateMsg
-
+def disk_state(state: str, reason: str = "") -> DiskStateMsg:
     now = time.time()
     fields = dict(seq=1, state=state, usage_bytes=0, breakdown={}, free_bytes=10**12,
                   pause_threshold_bytes=1, resume_threshold_bytes=0, hard_limit_bytes=2,
