@@ -55,6 +55,7 @@ def write_config(directory: Path, command: str, real_video: bool) -> Path:
 [data]
 root_dir = "data"
 storage_dir = "storage"
+create_storage_dir = true   # the demo has no external disk: make storage/ on this one
 
 [disk_management]
 hard_limit_gb = 2

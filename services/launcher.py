@@ -44,6 +44,7 @@ from typing import TextIO
 from shared.config import Config
 from shared.lifecycle import StopRequest, config_or_exit, die_with_parent, load_prctl
 from shared.singleton import AlreadyRunning, hold_lock, lock_holder
+from shared.storage import identify_or_exit
 
 REPO_DIR = Path(__file__).resolve().parent.parent
 TEMPLATE = REPO_DIR / "supervisord.conf"
@@ -482,6 +483,9 @@ class Launcher:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     config = config_or_exit("anime-downloader", args.config)
+    if not args.dry_run:  # a dry run writes nothing, not even the storage's marker
+        identify_or_exit("anime-downloader", config.root_dir, config.storage_dir,
+                         config.create_storage_dir)
     return Launcher(config, args).run()
 
 

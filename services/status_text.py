@@ -130,14 +130,18 @@ def _disk(d: dict) -> list[str]:
     usage = d.get("usage_bytes")
     percent = 100 * usage / hard if usage is not None and hard else None
     pause_mark = 100 * d["pause_threshold_bytes"] / hard if hard and d.get("pause_threshold_bytes") else None
-    lines = [_label("disk", f"{d.get('state', 'unknown'):<10}{bar(percent, mark=pause_mark)} "
+    lines = [_label("disk", f"{d.get('state', 'unknown') + ' ':<10}{bar(percent, mark=pause_mark)} "
                             f"{human_bytes(usage)} of {human_bytes(hard)} hard limit"),
              _more(f"pause at {human_bytes(d.get('pause_threshold_bytes'))}, resume below "
                    f"{human_bytes(d.get('resume_threshold_bytes'))}; reserved "
                    f"{human_bytes(d.get('reserved_bytes'))}, free {human_bytes(d.get('free_bytes'))}")]
+    reason = d.get("reason") if d.get("state") == "unavailable" else None
+    if reason:  # right under the state: what to check (a path, a mount)
+        lines[1:1] = [_more(part) for part in textwrap.wrap(
+            f"storage unavailable: {reason}", WIDTH - LABEL, subsequent_indent="  ")]
     if d.get("breakdown"):
         lines += _packed([f"{k.replace('_', ' ')} {human_bytes(v)}" for k, v in d["breakdown"].items()])
-    if d.get("refusal"):
+    if d.get("refusal") and not (reason and reason in d["refusal"]):
         lines += [_more(part) for part in textwrap.wrap(f"not starting downloads: {d['refusal']}",
                                                         WIDTH - LABEL, subsequent_indent="  ")]
     return lines

@@ -92,6 +92,9 @@ class DownloaderConfig(Record):
     total_bandwidth_mbps: float = 0.0  # 0 = unlimited; shared across active workers
     verify: bool = True  # check with ffprobe/ffmpeg that the file is a playable video
     on_title_mismatch: str = "warn"  # the site's title is not selected_title: warn, fail, ignore
+    # Checking (and remuxing) a file may take this long per GB, never less: a time-out is
+    # no proof of a bad file (a slow NFS mount), so it is a retry that keeps the file.
+    verify_timeout_seconds: float = 120.0
 
 
 class QueueConfig(Record):
@@ -107,6 +110,9 @@ class Config(Record):
     downloader: DownloaderConfig
     queue: QueueConfig
     zmq: ZmqConfig
+    # A missing storage_dir is created at start (the old behaviour); by default it is
+    # refused: it is most likely the mount point of a disk that is not mounted.
+    create_storage_dir: bool = False
 
     @property
     def db_path(self) -> Path:
@@ -179,6 +185,7 @@ SCHEMA: dict[str, dict[str, tuple[Check, Any]]] = {
     "data": {
         "root_dir": (_string, REQUIRED),
         "storage_dir": (_string, REQUIRED),
+        "create_storage_dir": (_bool, False),
     },
     "disk_management": {
         "hard_limit_gb": (_positive, REQUIRED),
@@ -204,6 +211,7 @@ SCHEMA: dict[str, dict[str, tuple[Check, Any]]] = {
         "total_bandwidth_mbps": (_non_negative, 0.0),
         "verify": (_bool, True),
         "on_title_mismatch": (_one_of("warn", "fail", "ignore"), "warn"),
+        "verify_timeout_seconds": (_positive, 120.0),
     },
     "queue": {
         "lease_seconds": (_positive, 30.0),
@@ -340,6 +348,7 @@ def parse_config(path: Path, raw: dict[str, Any]) -> Config:
         downloader=DownloaderConfig(**{**downloader, "extra_args": tuple(downloader["extra_args"])}),
         queue=QueueConfig(**queue),
         zmq=ZmqConfig(**endpoints, curve=curve),
+        create_storage_dir=data["create_storage_dir"],
     )
 
 

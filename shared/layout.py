@@ -43,6 +43,25 @@ def job_dir(storage_dir: Path, job_id: int) -> Path:
     return in_progress_root(storage_dir) / f"job-{job_id}"
 
 
+def make_dirs_below(storage_dir: Path, directory: Path) -> None:
+    """``mkdir -p`` of ``directory``, but only of the part below ``storage_dir``: a storage
+    that has gone (an unmounted disk) raises FileNotFoundError instead of being made
+    anew on the system disk."""
+    storage_dir, directory = Path(storage_dir), Path(directory)
+    try:
+        parts = directory.relative_to(storage_dir).parts
+    except ValueError:
+        raise OSError(f"{directory} is not below storage_dir {storage_dir} (storage_dir must "
+                      "be the same path on every machine)") from None
+    path = storage_dir
+    for part in parts:
+        path = path / part
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            pass
+
+
 def job_id_of_dir(path: Path) -> int | None:
     name = path.name
     if name.startswith("job-") and name[4:].isdigit():

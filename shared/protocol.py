@@ -55,8 +55,11 @@ REASON_NO_SPACE = "no_space"  # ENOSPC while writing
 REASON_HARD_LIMIT = "hard_limit"  # aborted because usage reached hard_limit_gb
 REASON_INVALID = "invalid"  # the job row itself cannot be run; fails at once
 REASON_DRY_RUN = "dry_run"  # --dry-run: argv carries the command it would have run
+# The storage is not there (missing, lost its marker, read-only, failing: shared/storage.py):
+# not the job's fault, so not counted; the dispatcher waits for the disk-watcher's next word.
+REASON_STORAGE = "storage_unavailable"
 FAIL_REASONS = (REASON_ERROR, REASON_TIMEOUT, REASON_INTERRUPTED, REASON_NO_SPACE,
-                REASON_HARD_LIMIT, REASON_INVALID, REASON_DRY_RUN)
+                REASON_HARD_LIMIT, REASON_INVALID, REASON_DRY_RUN, REASON_STORAGE)
 
 
 class ProtocolError(ValueError):
@@ -178,6 +181,10 @@ class JobAssign(Message):
     # counting one (stops, full disk...). The worker caps how many stops it cannot prove
     # were stops may go uncounted (services/worker/agent.py).
     retry_count: int = 0
+    # The id in the storage's marker (shared/storage.py): the worker writes nothing unless
+    # storage_dir holds it, also on another machine that cannot read the installation's
+    # record. "" (a dispatcher that never identified it): not checked.
+    storage_id: str = ""
 
 
 @message("job.heartbeat")
@@ -256,8 +263,10 @@ class JobCancel(Message):
 
 @message("disk.state")
 class DiskStateMsg(Message):
+    """``state`` ``unavailable``: the storage is not there (``reason`` says why in one
+    line); the measurement fields then describe whatever is at ``storage_dir``."""
     seq: int
-    state: str  # running | paused | hard_limit
+    state: str  # running | paused | hard_limit | unavailable
     usage_bytes: int
     breakdown: dict
     free_bytes: int
@@ -267,6 +276,8 @@ class DiskStateMsg(Message):
     min_free_bytes: int
     measured_at: float
     published_at: float
+    reason: str = ""  # why the storage is unavailable; "" otherwise
+    storage_id: str = ""  # the storage's marker id ("" until identified)
 
 
 @message("disk.usage")

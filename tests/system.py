@@ -31,7 +31,9 @@ SIM_ANI_CLI = REPO / "tests" / "fakes" / "ani-cli"
 BIN = Path(sys.executable).parent
 
 BASE_CONFIG: dict[str, dict[str, Any]] = {
-    "data": {"root_dir": "data", "storage_dir": "storage"},
+    # The old behaviour (storage_dir created at start) for tests about something else;
+    # tests of the storage itself set it to false.
+    "data": {"root_dir": "data", "storage_dir": "storage", "create_storage_dir": True},
     "disk_management": {"hard_limit_gb": 10, "pause_threshold_gb": 9, "resume_threshold_gb": 8,
                         "min_free_gb": 0.01, "check_interval_seconds": 30,
                         "cache_duration_seconds": 1, "max_concurrent_downloads": 3},

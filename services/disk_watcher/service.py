@@ -14,6 +14,12 @@ than a second after the last ``disk.state`` goes out as ``disk.usage``, which on
 the dispatcher reads: each worker wakes once a second for the disk, not five
 times. A full walk runs every ``check_interval_seconds``. A ``disk.measure``
 request re-measures at once.
+
+Before each publication the storage itself is checked (shared/storage.py: there,
+with its marker, writable): if it is not, the state published is ``unavailable``
+with the reason, whatever the usage, and the running/paused state machine stands
+still until the storage is back (a bare mount point measures as empty, which must
+not read as "resume").
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from shared.protocol import (DiskMeasure, DiskStateMsg, DiskUsageMsg, ProtocolEr
                              encode)
 from shared.singleton import hold_lock
 from shared.sockets import Sockets, waiting
+from shared.storage import StorageWatch
 
 log = logging.getLogger(__name__)
 PUBLISH_SECONDS = 1.0
@@ -73,14 +80,26 @@ class DiskWatcher:
         self.state_sent_at = -1e9  # monotonic time of the last disk.state
         self.growth: list[float] = []  # bytes/s towards a threshold, the last few intervals
         self._previous: DiskUsage | None = None
+        self.problem: str | None = None  # why the storage is unavailable
 
-    def observe(self, usage: DiskUsage, now: float, joined: bool = False) -> DiskStateMsg:
-        new = next_state(self.state, usage.total, usage.free_bytes, self.thresholds)
-        changed = new != self.state or self.last is None
-        if changed:
-            log.info(kv("disk state", state=new.value, previous=self.state.value,
-                        usage=usage.total, free=usage.free_bytes, **usage.breakdown()))
-        self.state = new
+    def observe(self, usage: DiskUsage, now: float, joined: bool = False,
+                problem: str | None = None, storage_id: str = "") -> DiskStateMsg:
+        """``problem``: the storage is unavailable (published as such, with the reason);
+        the state machine moves only on measurements of the real storage."""
+        changed = self.last is None or problem != self.problem
+        if problem != self.problem:
+            if problem is not None:
+                log.warning(kv("storage unavailable", reason=problem))
+            else:
+                log.info(kv("storage available again", storage_id=storage_id or None))
+            self.problem = problem
+        if problem is None:
+            new = next_state(self.state, usage.total, usage.free_bytes, self.thresholds)
+            if new != self.state or self.last is None:
+                changed = True
+                log.info(kv("disk state", state=new.value, previous=self.state.value,
+                            usage=usage.total, free=usage.free_bytes, **usage.breakdown()))
+            self.state = new
         self.seq += 1
         t = self.thresholds
         kind = DiskStateMsg
@@ -89,10 +108,12 @@ class DiskWatcher:
         else:
             kind = DiskUsageMsg
         self.last = kind(
-            seq=self.seq, state=new.value, usage_bytes=usage.total, breakdown=usage.breakdown(),
+            seq=self.seq, state="unavailable" if problem else self.state.value,
+            usage_bytes=usage.total, breakdown=usage.breakdown(),
             free_bytes=usage.free_bytes, pause_threshold_bytes=t.pause_bytes,
             resume_threshold_bytes=t.resume_bytes, hard_limit_bytes=t.hard_limit_bytes,
-            min_free_bytes=t.min_free_bytes, measured_at=usage.measured_at, published_at=now)
+            min_free_bytes=t.min_free_bytes, measured_at=usage.measured_at, published_at=now,
+            reason=problem or "", storage_id=storage_id)
         self._track_growth(usage)
         return self.last
 
@@ -123,6 +144,7 @@ class DiskWatcherServer:
         self.monitor = DiskMonitor(config.storage_dir, config.disk.cache_duration_seconds,
                                    full_walk_interval_seconds=config.disk.check_interval_seconds)
         self.watcher = DiskWatcher(config)
+        self.storage = StorageWatch(config.root_dir, config.storage_dir)
         self.sockets = Sockets(config)
         self.stop = StopRequest()
 
@@ -134,14 +156,17 @@ class DiskWatcherServer:
             return False
 
     def _publish(self, joined: bool) -> float:
-        """Measure (re-measure if active), publish; return the seconds until the next one."""
-        active = self.watcher.state != DiskState.RUNNING or self._downloading()
+        """Check the storage, measure (re-measure if active), publish; return the seconds
+        until the next one."""
+        problem = self.storage.problem()  # a few syscalls: the disk may have gone since
+        active = (self.watcher.state != DiskState.RUNNING or problem is not None
+                  or self._downloading())
         # CPU time, not wall time: on a busy host a 1 ms measurement can take 20 ms of wall
         # time waiting for a core, and the pause reaction stretched to a second.
         started = time.thread_time()
         usage = self.monitor.measure(force=active)
         cost = time.thread_time() - started
-        msg = self.watcher.observe(usage, time.time(), joined)
+        msg = self.watcher.observe(usage, time.time(), joined, problem, self.storage.storage_id)
         self.pub.send_multipart(encode(msg))
         if not active:
             return IDLE_PUBLISH_SECONDS

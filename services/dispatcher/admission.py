@@ -10,6 +10,14 @@ filesystem keeps ``min_free`` free after every reservation is filled.
 A released reservation keeps counting until a measurement taken after its
 release arrives: a landed file moves from ``.in_progress`` to ``videos``, and an
 old measurement may have seen neither.
+
+A job is reserved at its peak, not at its final size: with ``container = "mkv"``
+the remux writes a second full copy next to the download before the download is
+deleted, so a job holds up to twice its episode at once (``peak_factor``).
+
+An ``unavailable`` storage refuses every job (but in a dry run, which writes
+nothing), and so does a worker's report that it found the storage unavailable,
+until the disk-watcher has looked again.
 """
 
 from __future__ import annotations
@@ -17,10 +25,17 @@ from __future__ import annotations
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
-from shared.config import DiskConfig
+from shared.config import DiskConfig, DownloaderConfig
 from shared.protocol import DiskStateMsg
 
 STALE_AFTER_SECONDS = 5.0  # no fresh disk state for this long: treat as paused
+UNAVAILABLE = "unavailable"
+
+
+def peak_factor(downloader: DownloaderConfig) -> float:
+    """How many copies of an episode a job holds at its peak: the download and its MKV
+    remux side by side (ffmpeg cannot remux in place), else the download alone."""
+    return 2.0 if downloader.container == "mkv" else 1.0
 
 
 @dataclass
@@ -38,11 +53,14 @@ class Reservation:
 class Admission:
     disk: DiskConfig
     stale_after: float = STALE_AFTER_SECONDS
+    peak_factor: float = 1.0  # see peak_factor()
+    ignore_storage: bool = False  # a dry run writes nothing: an unavailable storage is no refusal
     state: DiskStateMsg | None = None
     received_at: float = 0.0
     reservations: dict[int, Reservation] = field(default_factory=dict)
     settling: list[tuple[float, int]] = field(default_factory=list)
     no_space_at: float | None = None  # set by an ENOSPC failure, cleared by a fresh state
+    storage_failed_at: float | None = None  # a worker found the storage unavailable
     _per_anime: dict[int, deque] = field(default_factory=lambda: defaultdict(lambda: deque(maxlen=20)))
     _overall: deque = field(default_factory=lambda: deque(maxlen=50))
 
@@ -55,8 +73,10 @@ class Admission:
         self.received_at = now
         self.settling = [(t, b) for t, b in self.settling if t >= msg.measured_at]
         if self.no_space_at is not None and msg.measured_at > self.no_space_at:
-            if msg.free_bytes - self.disk.min_free_bytes >= self.expected_for(None):
+            if msg.free_bytes - self.disk.min_free_bytes >= self.peak_for(None):
                 self.no_space_at = None
+        if self.storage_failed_at is not None and msg.published_at > self.storage_failed_at:
+            self.storage_failed_at = None  # the disk-watcher has looked since: its word holds
 
     def record_size(self, anime_id: int, size: int) -> None:
         if size > 0:
@@ -71,8 +91,12 @@ class Admission:
             return int(sum(sizes) / len(sizes))
         return self.disk.expected_episode_bytes
 
+    def peak_for(self, anime_id: int | None) -> int:
+        """What a job of this anime may occupy at once (see ``peak_factor``)."""
+        return int(self.expected_for(anime_id) * self.peak_factor)
+
     def reserve(self, job_id: int, anime_id: int) -> None:
-        self.reservations[job_id] = Reservation(anime_id, self.expected_for(anime_id))
+        self.reservations[job_id] = Reservation(anime_id, self.peak_for(anime_id))
 
     def written(self, job_id: int, written: int) -> None:
         reservation = self.reservations.get(job_id)
@@ -107,11 +131,17 @@ class Admission:
             return "no disk state yet"
         if not self.fresh(now):
             return "disk state is stale (disk-watcher down?)"
+        if self.state.state == UNAVAILABLE:
+            if self.ignore_storage:
+                return None
+            return f"storage unavailable: {self.state.reason or 'no reason given'}"
+        if self.storage_failed_at is not None:
+            return "a worker found the storage unavailable; waiting for the disk-watcher"
         if self.state.state != "running":
             return f"disk {self.state.state}: {self._why_not_running()}"
         if self.no_space_at is not None:
             return "no space left on device; waiting for space"
-        expected = self.expected_for(anime_id)
+        expected = self.peak_for(anime_id)
         if self.committed_bytes() + expected > self.disk.pause_bytes:
             return "budget: in-flight reservations would pass pause_threshold_gb"
         free_after = self.state.free_bytes - self._unwritten() - expected

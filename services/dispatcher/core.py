@@ -39,11 +39,12 @@ from shared.config import Config
 from shared.lifecycle import kv
 from shared.models import STAGE_DOWNLOADED, STAGE_DOWNLOADING, STAGE_FAILED, STAGE_QUEUED
 from shared.protocol import (REASON_DRY_RUN, REASON_ERROR, REASON_HARD_LIMIT, REASON_INTERRUPTED,
-                             REASON_INVALID, REASON_NO_SPACE, REASON_TIMEOUT, DiskMeasure,
-                             DiskStateMsg, JobAck, JobAssign, JobCancel, JobCommit, JobFailed,
-                             JobFinished, JobHeartbeat, JobLanded, Message,
-                             WorkerBye, WorkerReady)
-from services.dispatcher.admission import Admission
+                             REASON_INVALID, REASON_NO_SPACE, REASON_STORAGE, REASON_TIMEOUT,
+                             DiskMeasure, DiskStateMsg, JobAck, JobAssign, JobCancel,
+                             JobCommit, JobFailed, JobFinished, JobHeartbeat, JobLanded,
+                             Message, WorkerBye, WorkerReady)
+from shared.storage import StorageWatch
+from services.dispatcher.admission import Admission, peak_factor
 from services.dispatcher.db_health import DbHealth
 from services.dispatcher.leases import (DISPATCHER, FAIL, LAND, REQUEUE, Ending, Lease,
                                         owner_worker_id, validate)
@@ -85,6 +86,7 @@ class Dispatcher:
     rng: random.Random = field(default_factory=random.Random)
     admission: Admission = field(init=False)
     sessions: Sessions = field(init=False)
+    storage: StorageWatch = field(init=False)  # identifies the storage if nobody did yet
     leases: dict[int, Lease] = field(default_factory=dict)
     disk_requests: list[DiskMeasure] = field(default_factory=list)
     stopping: bool = False
@@ -109,7 +111,11 @@ class Dispatcher:
     _disk_stale: bool = False
 
     def __post_init__(self) -> None:
-        self.admission = Admission(self.config.disk)
+        self.admission = Admission(self.config.disk, peak_factor=peak_factor(self.config.downloader),
+                                   ignore_storage=self.options.dry_run)
+        self.storage = StorageWatch(self.config.root_dir, self.config.storage_dir,
+                                    create=self.config.create_storage_dir,
+                                    claim=not self.options.dry_run)
         self.sessions = Sessions(self.config.queue.lease_seconds)
 
     # --- the database ---------------------------------------------------------
@@ -174,6 +180,7 @@ class Dispatcher:
             log.info(kv("lease re-adopted, waiting for its worker", job_id=row.id,
                         anime_id=row.anime_id, episode=row.episode, owner=row.owner,
                         attempt=row.attempt))
+        self.storage.poll(now)
         if self._sweeping():
             self._sweep_private_dirs(live | set(self.leases))
         self.started = True
@@ -183,6 +190,10 @@ class Dispatcher:
         return not self.options.dry_run and layout.in_progress_root(self.config.storage_dir).is_dir()
 
     def _sweep_private_dirs(self, live: set[int]) -> None:
+        problem = self.storage.problem()  # another installation's private dirs are not stale
+        if problem is not None:
+            log.warning(kv("not sweeping private directories", why=problem))
+            return
         for path in layout.in_progress_root(self.config.storage_dir).iterdir():
             if path.name.startswith("."):
                 continue  # .locks
@@ -416,6 +427,9 @@ class Dispatcher:
         if msg.reason == REASON_NO_SPACE:
             self.admission.no_space_at = now
             self._request_measure("no space left on device", now)
+        if msg.reason == REASON_STORAGE:  # not counted; hand out nothing until the watcher looked
+            self.admission.storage_failed_at = now
+            self._request_measure("a worker found the storage unavailable", now)
         count = msg.reason in COUNTED_REASONS
         error = msg.error
         streak = self._streaks.get(lease.job.id, 0)
@@ -607,8 +621,8 @@ class Dispatcher:
         previous = self.admission.state.state if self.admission.state else None
         self.admission.on_disk_state(msg, now)
         if msg.state != previous:
-            log.info(kv("disk state", state=msg.state, usage=msg.usage_bytes,
-                        free=msg.free_bytes, seq=msg.seq))
+            log.info(kv("disk state", state=msg.state, reason=msg.reason or None,
+                        usage=msg.usage_bytes, free=msg.free_bytes, seq=msg.seq))
         return self._flush_outbox(self._assign(now))
 
     def _request_measure(self, reason: str, now: float) -> None:
@@ -645,6 +659,7 @@ class Dispatcher:
             self._forget(identity)
             log.info(kv("worker silent, forgotten", worker_id=owner_worker_id(identity)))
         self._refresh_counts(now)
+        self.storage.poll(now)
         return self._flush_outbox(self._assign(now))
 
     def _write_deadlines(self, now: float) -> None:
@@ -732,7 +747,8 @@ class Dispatcher:
                          selected_title=str(job.selected_title or ""),
                          confidence=str(job.confidence or ""), lease_seconds=lease_seconds,
                          rate_limit_bps=self._rate_share(), dry_run=self.options.dry_run,
-                         retry_count=int(job.retry_count or 0))
+                         retry_count=int(job.retry_count or 0),
+                         storage_id=self.storage.storage_id)
 
     def _rate_share(self) -> int:
         """A worker's share of total_bandwidth_mbps, in bytes/s, fixed for the whole attempt.

@@ -83,9 +83,10 @@ def _disk(d: Dispatcher, now: float, refusal: str | None) -> dict:
             "pause_threshold_bytes": cfg.pause_bytes, "resume_threshold_bytes": cfg.resume_bytes,
             "hard_limit_bytes": cfg.hard_limit_bytes, "min_free_bytes": cfg.min_free_bytes,
             "measured_at": None, "age_seconds": None, "admitting": refusal is None,
-            "refusal": refusal}
+            "refusal": refusal, "reason": None}
     if state is not None:
         disk.update(state=state.state if d.admission.fresh(now) else "stale",
+                    reason=(state.reason or None) if state.state == "unavailable" else None,
                     usage_bytes=state.usage_bytes, breakdown=dict(state.breakdown),
                     free_bytes=state.free_bytes, measured_at=state.measured_at,
                     age_seconds=round(max(0.0, now - state.measured_at), 2))

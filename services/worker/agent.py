@@ -16,13 +16,14 @@ import time
 
 import zmq
 
+from shared import storage
 from shared.config import Config
 from shared.lifecycle import StopRequest, kv
 from shared.protocol import (REASON_DRY_RUN, REASON_ERROR, REASON_HARD_LIMIT, REASON_INTERRUPTED,
-                             REASON_INVALID, REASON_NO_SPACE, REASON_TIMEOUT, DiskStateMsg, JobAck,
-                             JobAssign, JobCancel, JobCommit, JobFailed, JobFinished,
-                             JobHeartbeat, JobLanded, Message, ProtocolError, WorkerBye,
-                             WorkerProbe, WorkerReady, WorkerRefused, decode, encode)
+                             REASON_INVALID, REASON_NO_SPACE, REASON_STORAGE, REASON_TIMEOUT,
+                             DiskStateMsg, JobAck, JobAssign, JobCancel, JobCommit, JobFailed,
+                             JobFinished, JobHeartbeat, JobLanded, Message, ProtocolError,
+                             WorkerBye, WorkerProbe, WorkerReady, WorkerRefused, decode, encode)
 from shared.sockets import Sockets, waiting
 from services.worker import download, shims
 from services.worker.attempt import Attempt
@@ -70,6 +71,9 @@ class Worker:
         self.seq = 0
         self.disk: DiskStateMsg | None = None
         self.disk_at = -1e9
+        # The disk-watcher says the storage is there, but this worker cannot see it (another
+        # machine whose NFS mount is gone): why, or None. It then asks for no work.
+        self.storage_problem: str | None = None
         self.next_beat = 0.0
         self.stop_deadline: float | None = None
         self.host = socket.gethostname()
@@ -199,29 +203,67 @@ class Worker:
 
     def _disk_ok(self) -> bool:
         fresh = time.monotonic() - self.disk_at <= DISK_STALE_SECONDS
-        return fresh and self.disk is not None and self.disk.state != "hard_limit"
+        return (fresh and self.disk is not None and self.disk.state != "hard_limit"
+                and self.storage_problem is None)
 
     def _on_disk(self, msg: Message) -> None:
         if not isinstance(msg, DiskStateMsg):
             raise ProtocolError(f"unexpected {msg.KIND} on the disk state channel")
         was_ok = self._disk_ok()
         if self.disk is None or msg.state != self.disk.state:
-            log.info(kv("disk state", state=msg.state, **self.ctx))
+            log.info(kv("disk state", state=msg.state, reason=msg.reason or None, **self.ctx))
         self.disk, self.disk_at = msg, time.monotonic()
+        self._check_own_storage(msg)
         if not was_ok and self.attempt is None:
             self.next_beat = 0.0  # ask for work at once, not at the next heartbeat
-        if msg.state == "hard_limit" and self.attempt and self.attempt.phase == "downloading":
+        a = self.attempt
+        if a is None:
+            return
+        if msg.state == "unavailable" or self.storage_problem is not None:
+            self._interrupt(REASON_STORAGE)
+        elif msg.state == "hard_limit" and a.phase in ("downloading", "verifying"):
             self._interrupt(REASON_HARD_LIMIT)
+
+    def _check_own_storage(self, msg: DiskStateMsg) -> None:
+        """Where the disk-watcher sees the storage, look for it here too (its marker)."""
+        problem = None
+        if msg.state != "unavailable" and msg.storage_id:
+            problem = storage.problem(self.config.storage_dir, msg.storage_id)
+        if problem != self.storage_problem:
+            if problem is not None:
+                log.warning(kv("storage unavailable on this machine; asking for no work",
+                               reason=problem, **self.ctx))
+            else:
+                log.info(kv("storage available on this machine again", **self.ctx))
+            self.storage_problem = problem
 
     def _interrupt(self, reason: str) -> None:
         """Stop the current attempt for a reason that is not the job's fault."""
         a = self.attempt
         assert a is not None
         if a.phase == "downloading" and a.proc is not None:
-            a.kill(reason, signal.SIGTERM)
-        elif a.phase in ("verifying", "awaiting_commit"):
-            self._fail(reason, "stopped before landing")
+            if a.kill_reason is None:  # once: a repeat would postpone the SIGKILL escalation
+                a.kill(reason, signal.SIGTERM)
+        elif a.phase == "verifying":
+            a.stop_post()  # kills its ffmpeg at once: a remux must not go on writing
+            if reason == REASON_HARD_LIMIT:
+                a.clear_partials()
+                self._fail(reason, "aborted: disk usage reached hard_limit_gb")
+            else:
+                self._fail(reason, self._why_stopped(reason))
+        elif a.phase == "awaiting_commit":
+            self._fail(reason, self._why_stopped(reason))
         # reporting: the file landed or the failure is on its way; let it finish
+
+    def _why_stopped(self, reason: str) -> str:
+        if reason == REASON_STORAGE:
+            return f"storage unavailable: {self._storage_reason()}"
+        return "stopped before landing"
+
+    def _storage_reason(self) -> str:
+        disk = self.disk
+        return (disk.reason if disk is not None and disk.state == "unavailable" else "") \
+            or self.storage_problem or "the storage is not there"
 
     # --- messages from the dispatcher ---------------------------------------
 
@@ -462,7 +504,9 @@ class Worker:
         if post.error is not None:
             if post.no_space:
                 a.clear_partials()
-            self._fail(REASON_NO_SPACE if post.no_space else REASON_ERROR, post.error)
+            reason = (REASON_NO_SPACE if post.no_space else REASON_TIMEOUT if post.timed_out
+                      else REASON_INTERRUPTED if post.stopped else REASON_ERROR)
+            self._fail(reason, post.error)
             return
         a.phase = "awaiting_commit"
         self.report(JobFinished(worker_id=self.worker_id, session=self.session,
@@ -474,6 +518,7 @@ class Worker:
     def _fail(self, reason: str, error: str, argv: list[str] | None = None) -> None:
         a = self.attempt
         assert a is not None
+        reason, error = self._unless_storage(a, reason, error)
         a.phase = "reporting"
         level = logging.INFO if reason in (REASON_DRY_RUN, REASON_INTERRUPTED) else logging.WARNING
         if reason != REASON_DRY_RUN:
@@ -481,3 +526,14 @@ class Worker:
                               error=error.splitlines()[0] if error else None, **self.ctx))
         self.report(JobFailed(worker_id=self.worker_id, session=self.session, job_id=a.job.job_id,
                               attempt=a.job.attempt, reason=reason, error=error, argv=argv or []))
+
+    def _unless_storage(self, a: Attempt, reason: str, error: str) -> tuple[str, str]:
+        """A failure while the storage is not there (the failure may be its first sign) is
+        not the job's fault: reported as such, so it counts no retry."""
+        if reason not in (REASON_ERROR, REASON_TIMEOUT, REASON_NO_SPACE) \
+                and a.kill_reason != REASON_STORAGE:
+            return reason, error
+        problem = a.storage_problem()
+        if problem is None:
+            return reason, error
+        return REASON_STORAGE, f"storage unavailable: {problem}"

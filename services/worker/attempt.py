@@ -28,13 +28,17 @@ import time
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from shared import layout
+from shared import layout, storage
 from shared.config import Config
 from shared.lifecycle import kv
 from shared.protocol import JobAssign
 from services.worker import download, rename, shims, titles
 from services.worker.progress import OutputTail, Progress, ProgressParser
+
+if TYPE_CHECKING:  # video is imported when a post step starts: an idle worker stays small
+    from services.worker.video import RemuxError, Stopper
 
 log = logging.getLogger(__name__)
 # With a pidfd for its exit, ani-cli's output is read at most this often: every write
@@ -59,6 +63,8 @@ class PostResult:
     duration: float | None = None
     error: str | None = None
     no_space: bool = False
+    timed_out: bool = False  # the check or remux ran out of time: the file is kept for a retry
+    stopped: bool = False  # stop_post() ended it: no verdict
 
 
 @dataclass
@@ -84,6 +90,10 @@ class Attempt:
     post: PostResult | None = None
     post_thread: threading.Thread | None = None
     post_wakeup: tuple[int, int] | None = None  # pipe: the thread writes a byte when done
+    post_stopper: Stopper | None = None  # ends the post step's tools (stop_post)
+    _post_running: bool = False  # guarded by _post_lock, as is post_wakeup once the thread runs
+    _post_orphaned: bool = False  # the attempt let go of a thread that has not ended: it closes the pipe
+    _post_lock: threading.Lock = field(default_factory=threading.Lock)
     lock_fd: int | None = None
     exit_fd: int | None = None  # pidfd of ani-cli: readable once it has exited
     read_due: float = 0.0  # monotonic time from which ani-cli's output is polled again
@@ -125,7 +135,9 @@ class Attempt:
     def prepare(self) -> None:
         """Create and lock the private directory. One that was there already belongs to an
         earlier attempt: kill what a killed worker left running in it, drop staged files.
-        (Few files per job: on ext4 every inode freed slows the next allocations.)"""
+        (Few files per job: on ext4 every inode freed slows the next allocations.)
+        Nothing is created unless storage_dir is the storage the dispatcher named."""
+        self.require_storage()
         fresh = _make_dir(self.private_dir)
         os.makedirs(self.download_dir, exist_ok=True)
         fd = os.open(self.private_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
@@ -275,49 +287,120 @@ class Attempt:
         return self._exit_code
 
     def bytes_written(self) -> int:
+        """What the attempt occupies: the download, and while verifying the remux's copy."""
         latest = self.latest
         on_disk = download.bytes_in(self.download_dir)
+        if self.phase == "verifying":
+            on_disk += self._staged_bytes()
         if latest is not None and latest.downloaded_bytes:
             return max(latest.downloaded_bytes, on_disk)
         return on_disk
 
+    def _staged_bytes(self) -> int:
+        total = 0
+        for staged in self.private_dir.glob(f"ready-a{self.job.attempt}*"):
+            try:
+                total += staged.stat().st_size
+            except OSError:
+                continue
+        return total
+
+    # --- the storage --------------------------------------------------------
+
+    def storage_problem(self) -> str | None:
+        """Why the storage cannot be written now (shared/storage.py), or None."""
+        return storage.problem(self.config.storage_dir, self.job.storage_id)
+
+    def require_storage(self) -> None:
+        """Checked before every write phase: the disk-watcher's word is up to a second old."""
+        storage.require(self.config.storage_dir, self.job.storage_id,
+                        self.config.create_storage_dir)
+
     # --- after ani-cli ------------------------------------------------------
 
     def start_post(self, file: Path) -> None:
-        """Verify and remux in a thread, so heartbeats go on during a long check."""
+        """Verify and remux in a thread, so heartbeats go on during a long check;
+        ``stop_post()`` ends it (and its ffmpeg) at once."""
+        from services.worker import video
+
         self.phase = "verifying"
         self.post_wakeup = os.pipe()
+        self.post_stopper = video.Stopper(on_start=lambda pid: _record_group(self.lock_fd, pid))
+        self._post_running = True
         self.post_thread = threading.Thread(target=self._post, args=(file,), daemon=True)
         self.post_thread.start()
 
     def _post(self, file: Path) -> None:
+        from services.worker import video
+
         try:
             self.post = self._verify_and_stage(file)
+        except video.Stopped:
+            self.post = PostResult(error="post-processing stopped", stopped=True)
         except OSError as exc:
-            self.post = PostResult(error=f"Failed to write video file: {exc.strerror}",
+            self.post = PostResult(error=f"Failed to write video file: {exc.strerror or exc}",
                                    no_space=download.is_no_space_error(exc))
         except Exception as exc:  # a bug here must fail the attempt, not hang it
             log.exception(kv("post-processing failed", **self.context))
             self.post = PostResult(error=f"post-processing failed: {exc}")
         finally:
-            os.write(self.post_wakeup[1], b"\0")  # wakes the worker's poller
+            with self._post_lock:
+                self._post_running = False
+                if self._post_orphaned:
+                    self._close_post_pipe()
+                else:
+                    os.write(self.post_wakeup[1], b"\0")  # wakes the worker's poller
+
+    def stop_post(self, wait_seconds: float = 5.0) -> None:
+        """End the post step: kill the ffmpeg it runs, wait for its thread, close its pipe.
+        Idempotent; harmless when no post step ran. (A thread that does not end in time
+        closes the pipe itself when it does.)"""
+        if self.post_stopper is not None:
+            self.post_stopper.stop()
+        thread = self.post_thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(wait_seconds)
+        with self._post_lock:
+            if self._post_running:
+                self._post_orphaned = True
+            else:
+                self._close_post_pipe()
+
+    def _close_post_pipe(self) -> None:
+        if self.post_wakeup is not None:
+            for fd in self.post_wakeup:
+                os.close(fd)
+            self.post_wakeup = None
 
     def _verify_and_stage(self, file: Path) -> PostResult:
+        """Verify, remux to MKV, stage. What it returns keeps the download unless the file
+        is bad: a time-out or a full disk says nothing against the file."""
         d = self.config.downloader
         duration = None
         if d.verify or d.container == "mkv":
             from services.worker import video
 
+            stopper = self.post_stopper
+            timeout = video.timeout_for(file.stat().st_size, d.verify_timeout_seconds)
             if d.verify:
                 try:
-                    duration = video.verify_video(file).duration_seconds
+                    duration = video.verify_video(file, timeout, stopper).duration_seconds
+                except video.VerifyTimeout as exc:
+                    return PostResult(error=f"verify timed out: {exc} (the file is kept for the "
+                                            "retry; raise [downloader] verify_timeout_seconds "
+                                            "if the disk is slow)", timed_out=True)
                 except video.NotAVideo as exc:
                     file.unlink(missing_ok=True)  # a retry must not find it again
                     return PostResult(error=f"Downloaded file is not a playable video: {exc}")
             if d.container == "mkv" and file.suffix.lower() != ".mkv":
                 if video.find_ffmpeg() is not None:
                     staged = self.private_dir / f"ready-a{self.job.attempt}.mkv"
-                    video.remux_to_mkv(file, staged)
+                    try:
+                        video.remux_to_mkv(file, staged, timeout, stopper)
+                    except video.RemuxError as exc:
+                        return _remux_failed(exc)
+                    if stopper is not None:
+                        stopper.check()
                     file.unlink()
                     return self._staged(staged, duration)
                 _warn_no_ffmpeg()
@@ -337,7 +420,8 @@ class Attempt:
         """Put the staged file at its final path; never replace an existing episode."""
         assert self.post is not None and self.post.staged is not None
         target = Path(video_path)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        self.require_storage()
+        layout.make_dirs_below(self.config.storage_dir, target.parent)
         try:
             os.link(self.post.staged, target)
         except FileExistsError:
@@ -355,9 +439,13 @@ class Attempt:
 
     def discard(self, keep_partials: bool) -> None:
         """Remove what this attempt leaves: everything, or only the staged file."""
+        self.stop_post()
         if keep_partials:
             for staged in self.private_dir.glob(f"ready-a{self.job.attempt}*"):
-                staged.unlink(missing_ok=True)
+                try:
+                    staged.unlink(missing_ok=True)
+                except OSError:  # a read-only or failing storage: the next attempt removes it
+                    pass
         else:
             remove_private_dir(self.private_dir)
         self.release()
@@ -372,10 +460,7 @@ class Attempt:
         if self.exit_fd is not None:
             os.close(self.exit_fd)
             self.exit_fd = None
-        if self.post_wakeup is not None and (self.post_thread is None or not self.post_thread.is_alive()):
-            for fd in self.post_wakeup:
-                os.close(fd)
-            self.post_wakeup = None
+        self.stop_post()
 
 
 @lru_cache(maxsize=1)
@@ -401,15 +486,30 @@ def _start_time(pid: int) -> str | None:
 
 
 def _make_dir(path: Path) -> bool:
-    """Create ``path`` (and its parents); False if it was there already."""
+    """Create ``path`` (and ``.in_progress`` above it, never storage_dir itself); False if it
+    was there already."""
     try:
         os.mkdir(path)
         return True
     except FileExistsError:
         return False
     except FileNotFoundError:
-        os.makedirs(path.parent, exist_ok=True)
+        try:
+            os.mkdir(path.parent)
+        except FileExistsError:
+            pass
         return _make_dir(path)
+
+
+def _remux_failed(exc: RemuxError) -> PostResult:
+    """A remux that failed keeps the download (removed only when the disk is full)."""
+    if exc.no_space:
+        return PostResult(error="Failed to write video file: No space left on device "
+                                f"(remux: {exc})", no_space=True)
+    if exc.timed_out:
+        return PostResult(error=f"remux timed out: {exc} (the file is kept for the retry)",
+                          timed_out=True)
+    return PostResult(error=f"post-processing failed: {exc}")
 
 
 def _record_group(lock_fd: int | None, pid: int) -> None:

@@ -2,11 +2,12 @@
 
 Tools: ``ffprobe`` on PATH if any; ``ffmpeg`` on PATH, else the binary shipped by
 imageio-ffmpeg (imported lazily: the worker stays small), else none. Every tool
-runs as an argument list (never a shell), stdin from /dev/null, with a timeout
-after which the child is killed. Paths are passed as ``file:/abs/path`` so a
-title containing ``:`` ("Re:Zero Episode 1.mp4") is not taken for a protocol,
-and inputs are restricted to the ``file`` protocol so a playlist cannot make
-ffmpeg fetch URLs.
+runs as an argument list (never a shell), stdin from /dev/null, in its own process
+group, with a timeout after which the group is killed; a ``Stopper`` lets another
+thread kill it at once (the worker's cancel, stop or hard-limit abort). Paths are
+passed as ``file:/abs/path`` so a title containing ``:`` ("Re:Zero Episode 1.mp4")
+is not taken for a protocol, and inputs are restricted to the ``file`` protocol so
+a playlist cannot make ffmpeg fetch URLs.
 
 How ``verify_video`` decides (first failing check wins; ``str(NotAVideo)`` says which):
 
@@ -55,13 +56,15 @@ import json
 import os
 import re
 import shutil
+import signal
 import struct
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Callable
 
 SNIFF_BYTES = 4096
 TS_PACKET = 188
@@ -88,7 +91,73 @@ class VerifyTimeout(NotAVideo):
 
 
 class RemuxError(Exception):
-    """ffmpeg could not remux the file; ``str(exc)`` is the reason."""
+    """ffmpeg could not remux the file; ``str(exc)`` is the reason. ``no_space``: it ran
+    out of space writing the copy; ``timed_out``: it did not finish in time."""
+
+    def __init__(self, reason: str, no_space: bool = False, timed_out: bool = False) -> None:
+        super().__init__(reason)
+        self.no_space = no_space
+        self.timed_out = timed_out
+
+
+class Stopped(Exception):
+    """The check or remux was stopped from outside (``Stopper.stop``): no verdict."""
+
+
+NO_SPACE_TEXTS = ("No space left on device", "Disk quota exceeded")  # ffmpeg's strerror
+GB = 10**9
+
+
+def timeout_for(size_bytes: int, seconds_per_gb: float) -> float:
+    """The time allowed to check or remux a file: ``seconds_per_gb`` for each GB, and at
+    least that for a smaller one (reading it is the cost: size over the disk's speed)."""
+    return seconds_per_gb * max(1.0, size_bytes / GB)
+
+
+class Stopper:
+    """Lets another thread stop what a verify or remux runs: ``stop()`` kills the tool's
+    process group now, and any tool it would start later raises ``Stopped``.
+    ``on_start(pid)`` hears of each tool started (the worker notes its group in the
+    attempt's lock file, for a worker that gets killed meanwhile)."""
+
+    def __init__(self, on_start: Callable[[int], None] | None = None) -> None:
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen | None = None
+        self._on_start = on_start
+        self.stopped = False
+
+    def stop(self) -> None:
+        with self._lock:
+            self.stopped = True
+            proc = self._proc
+        if proc is not None:
+            _kill_group(proc)
+
+    def check(self) -> None:
+        if self.stopped:
+            raise Stopped("stopped before it finished")
+
+    def started(self, proc: subprocess.Popen) -> None:
+        with self._lock:
+            self._proc = proc
+            stopped = self.stopped
+        if stopped:
+            _kill_group(proc)
+        elif self._on_start is not None:
+            self._on_start(proc.pid)
+
+    def ended(self) -> None:
+        with self._lock:
+            self._proc = None
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    if proc.returncode is not None:
+        return  # reaped: its pid may be someone else's by now
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 @dataclass(frozen=True)
@@ -127,23 +196,35 @@ def _file_arg(path: Path) -> str:
     return "file:" + os.path.abspath(path)
 
 
-def _run(cmd: list[str], timeout: float, stderr_file: IO[bytes]) -> tuple[int, bytes]:
-    """Run ``cmd`` with stdin /dev/null, stdout captured, stderr to ``stderr_file``.
+def _run(cmd: list[str], timeout: float, stderr_file: IO[bytes],
+         stopper: Stopper | None = None) -> tuple[int, bytes]:
+    """Run ``cmd`` with stdin /dev/null, stdout captured, stderr to ``stderr_file``, in its
+    own process group.
 
-    Kills the child and raises ``subprocess.TimeoutExpired`` after ``timeout`` s.
+    Kills the group and raises ``subprocess.TimeoutExpired`` after ``timeout`` s, or
+    ``Stopped`` when ``stopper`` was stopped (before or while it ran).
     """
+    if stopper is not None:
+        stopper.check()
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr_file,
-                            close_fds=True)
+                            close_fds=True, start_new_session=True)
+    if stopper is not None:
+        stopper.started(proc)
     try:
         out, _ = proc.communicate(timeout=max(timeout, 0.1))
     except subprocess.TimeoutExpired:
-        proc.kill()
+        _kill_group(proc)
         proc.communicate()
         raise
     except BaseException:
-        proc.kill()
+        _kill_group(proc)
         proc.wait()
         raise
+    finally:
+        if stopper is not None:
+            stopper.ended()
+    if stopper is not None:
+        stopper.check()
     return proc.returncode, out
 
 
@@ -288,13 +369,13 @@ class _Probe:
     streams_known: bool = False
 
 
-def _probe_ffprobe(ffprobe: str, path: Path, timeout: float) -> _Probe:
+def _probe_ffprobe(ffprobe: str, path: Path, timeout: float, stopper: Stopper | None = None) -> _Probe:
     cmd = [ffprobe, "-v", "error", "-protocol_whitelist", "file",
            "-show_entries", "format=duration,format_name:stream=codec_type:stream_disposition=attached_pic",
            "-of", "json", _file_arg(path)]
     with tempfile.TemporaryFile() as err:
         try:
-            rc, out = _run(cmd, timeout, err)
+            rc, out = _run(cmd, timeout, err, stopper)
         except subprocess.TimeoutExpired:
             raise VerifyTimeout(f"ffprobe did not finish within {timeout:.0f}s") from None
         if rc != 0:
@@ -332,13 +413,13 @@ class _Scan:
     error_count: int = 0
 
 
-def _scan_ffmpeg(ffmpeg: str, path: Path, timeout: float) -> _Scan:
+def _scan_ffmpeg(ffmpeg: str, path: Path, timeout: float, stopper: Stopper | None = None) -> _Scan:
     cmd = [ffmpeg, "-nostdin", "-hide_banner", "-nostats", "-loglevel", "level+info",
            "-protocol_whitelist", "file", "-i", _file_arg(path),
            "-c", "copy", "-f", "null", "-progress", "pipe:1", "-"]
     with tempfile.TemporaryFile() as err:
         try:
-            rc, out = _run(cmd, timeout, err)
+            rc, out = _run(cmd, timeout, err, stopper)
         except subprocess.TimeoutExpired:
             raise VerifyTimeout(f"ffmpeg did not read the file within {timeout:.0f}s") from None
         err.seek(0)
@@ -413,8 +494,10 @@ def _reason_from_errors(errors: list[str], default: str, looks_mp4: bool = True)
 # --------------------------------------------------------------------------- public API
 
 
-def verify_video(path: Path, timeout_seconds: float = 120) -> VideoInfo:
-    """Check that ``path`` is a whole video; return what was learnt or raise NotAVideo (see module doc)."""
+def verify_video(path: Path, timeout_seconds: float = 120, stopper: Stopper | None = None) -> VideoInfo:
+    """Check that ``path`` is a whole video; return what was learnt or raise NotAVideo (see
+    module doc): VerifyTimeout when the tools took longer than ``timeout_seconds`` in all,
+    Stopped (not a NotAVideo) when ``stopper`` stopped them."""
     path = Path(path)
     deadline = time.monotonic() + timeout_seconds
     try:
@@ -442,13 +525,13 @@ def verify_video(path: Path, timeout_seconds: float = 120) -> VideoInfo:
     probe: _Probe | None = None
     if ffprobe is not None:
         try:
-            probe = _probe_ffprobe(ffprobe, path, deadline - time.monotonic())
+            probe = _probe_ffprobe(ffprobe, path, deadline - time.monotonic(), stopper)
         except OSError:  # found but not runnable: as if absent
             probe = None
     scan: _Scan | None = None
     if ffmpeg is not None:
         try:
-            scan = _scan_ffmpeg(ffmpeg, path, deadline - time.monotonic())
+            scan = _scan_ffmpeg(ffmpeg, path, deadline - time.monotonic(), stopper)
         except OSError:
             scan = None
     if probe is None and scan is None:
@@ -500,12 +583,13 @@ def verify_video(path: Path, timeout_seconds: float = 120) -> VideoInfo:
     return VideoInfo(duration_seconds=duration, container=container, has_video=has_video, has_audio=has_audio)
 
 
-def remux_to_mkv(src: Path, dst: Path, timeout_seconds: float = 600) -> None:
+def remux_to_mkv(src: Path, dst: Path, timeout_seconds: float = 600,
+                 stopper: Stopper | None = None) -> None:
     """Copy every audio/video/subtitle stream of ``src`` into a Matroska ``dst``, losslessly.
 
-    ``dst`` is overwritten; on failure it is removed and RemuxError is raised.
-    Data streams (e.g. HLS timed ID3) are dropped: Matroska cannot hold them.
-    The caller renames ``dst`` into place atomically.
+    ``dst`` is overwritten; on failure (or when stopped) it is removed and RemuxError
+    (or Stopped) is raised. Data streams (e.g. HLS timed ID3) are dropped: Matroska
+    cannot hold them. The caller renames ``dst`` into place atomically.
     """
     ffmpeg = find_ffmpeg()
     if ffmpeg is None:
@@ -517,15 +601,21 @@ def remux_to_mkv(src: Path, dst: Path, timeout_seconds: float = 600) -> None:
            "-i", _file_arg(src), "-map", "0", "-map", "-0:d?", "-c", "copy", "-f", "matroska", _file_arg(dst)]
     with tempfile.TemporaryFile() as err:
         try:
-            rc, _ = _run(cmd, timeout_seconds, err)
+            rc, _ = _run(cmd, timeout_seconds, err, stopper)
         except subprocess.TimeoutExpired:
             _unlink(dst)
-            raise RemuxError(f"ffmpeg did not finish the remux within {timeout_seconds:.0f}s") from None
+            raise RemuxError(f"ffmpeg did not finish the remux within {timeout_seconds:.0f}s",
+                             timed_out=True) from None
+        except Stopped:
+            _unlink(dst)
+            raise
         except OSError as exc:
             raise RemuxError(f"cannot run ffmpeg: {exc}") from None
         if rc != 0:
             _unlink(dst)
-            raise RemuxError(f"ffmpeg exit {rc}: {_tail(err, 1000) or 'no message'}")
+            tail = _tail(err, 1000)
+            raise RemuxError(f"ffmpeg exit {rc}: {tail or 'no message'}",
+                             no_space=any(text in tail for text in NO_SPACE_TEXTS))
     if not dst.is_file() or dst.stat().st_size == 0:
         _unlink(dst)
         raise RemuxError("ffmpeg produced no output")

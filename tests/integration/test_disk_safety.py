@@ -8,6 +8,7 @@ sampled like ``du`` (``DiskMonitor.full_walk``) on every poll of every wait.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -291,3 +292,82 @@ def test_min_free_above_the_filesystems_free_space_pauses(make_system):
     assert Probe(system).never(lambda: starts(system) > 0, 2.0), "a download started"
     system.wait_logged("dispatcher", "min_free_gb")
     assert counts(system) == {"queued": 2}
+
+
+@pytest.fixture
+def hls_provider(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+    """The local HLS provider (real video: a remux needs it), and what the real yt-dlp
+    inherits: no proxy for 127.0.0.1, no user configuration."""
+    import shutil
+
+    from services.worker import video
+    from tests.fakes.provider import Provider
+    from tests.system import BIN
+
+    if not ((BIN / "yt-dlp").is_file() or shutil.which("yt-dlp")) or video.find_ffmpeg() is None:
+        pytest.skip("needs yt-dlp and ffmpeg (pip install -e '.[test]')")
+    for name in [n for n in os.environ if "proxy" in n.lower()]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    cache = tmp_path_factory.mktemp("hls")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(cache / "config"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache / "cache"))
+    with Provider(cache / "media") as p:
+        yield p
+
+
+def test_a_filesystem_of_exactly_hard_limit_never_fills_with_four_workers_remuxing(
+        make_system, hls_provider) -> None:
+    """Issue 21 §3: 4 MB episodes of real video into a tmpfs exactly as big as hard_limit_gb
+    (pause at 3/4, resume at 1/2), four workers, container mkv: yt-dlp's fix-up and the
+    MKV remux each hold a second copy of an episode for a moment. The transcriber frees
+    space once downloads wait for it. No write may get ENOSPC, the filesystem never fills,
+    nothing counts a retry."""
+    episodes, hard = 6, 24_000 * KB
+    system = make_system({
+        **disk_config(pause_kb=18_000, resume_kb=12_000, hard_kb=24_000, expected_kb=4_000,
+                      workers=4),
+        "downloader": {"verify": True, "container": "mkv", "retry_backoff_seconds": 0,
+                       "timeout_seconds": 60}})
+    system.storage.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={hard}", "tmpfs",
+                              str(system.storage)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root/CAP_SYS_ADMIN): {mounted.stderr.strip()}")
+    try:
+        slug = f"fill-{os.getpid()}"
+        hls_provider.set_duration(slug, None, seconds=130)  # ~4 MB
+        hls_provider.prepare(slug, 1)  # generated before the clock runs (all share it)
+        system.write_catalog({"defaults": {"size": 2048, "duration": 0.0}, "anime": [
+            {"query": TITLE, "results": [{"title": TITLE, "episodes": episodes, "behaviour": {
+                "hls_url": f"{hls_provider.base_url}/{slug}/{{episode}}/index.m3u8"}}]}]})
+        system.enqueue(MAL_ID, TITLE, list(range(1, episodes + 1)), selected_index=1)
+        fs_size = os.statvfs(system.storage).f_blocks * os.statvfs(system.storage).f_frsize
+        assert hard <= fs_size < hard + 4096  # a page of rounding
+        probe = Probe(system)
+        least_free, in_flight_over = [fs_size], []
+        start(system, 4)
+
+        def finished() -> bool:
+            vfs = os.statvfs(system.storage)
+            least_free[0] = min(least_free[0], vfs.f_bavail * vfs.f_frsize)
+            disk = status(system)["disk"]
+            measured = probe.monitor.full_walk().in_progress
+            if measured > disk["reserved_bytes"] + 1 * MB:  # reserved_bytes tells the truth
+                in_flight_over.append((measured, disk["reserved_bytes"]))
+            if disk["refusal"]:  # the transcriber frees space once downloads wait for it
+                transcribe_below(system, probe, 12_000 * KB)
+            return counts(system).get("downloaded", 0) == episodes
+        probe.wait(finished, 120, "every episode to land")
+        logs = "".join(system.log(name) for name in ["dispatcher", "disk-watcher"] +
+                       [f"worker_{n:02d}" for n in range(1, 5)])
+        assert "No space left on device" not in logs, [line for line in logs.splitlines()
+                                                       if "No space left" in line][:5]
+        print(f"\n[fill] peak usage {probe.peak} of {hard}, least free {least_free[0]} bytes")
+        assert least_free[0] > 0, "the filesystem filled up"
+        assert probe.peak <= hard
+        assert all(j["retry_count"] == 0 for j in system.jobs()), system.jobs()
+        assert in_flight_over == [], "reserved_bytes was less than what downloads occupied"
+    finally:
+        system.stop()
+        subprocess.run(["umount", "-l", str(system.storage)], check=False)

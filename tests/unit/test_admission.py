@@ -215,3 +215,45 @@ def test_no_space_pauses_until_a_fresh_measurement_shows_room(adm: Admission) ->
     adm.on_disk_state(msg(free=EXPECTED, seq=4, measured_at=11.0), now=11.0)  # the partial is gone
     assert adm.no_space_at is None
     assert adm.refusal(11.0) is None
+
+
+# --- the storage, and the peak of a job -------------------------------------------
+
+
+def test_an_unavailable_storage_refuses_with_the_disk_watchers_reason(adm: Admission) -> None:
+    why = "storage_dir /srv/anime is read-only (remount it read-write)"
+    gone = DiskStateMsg(**{**msg(measured_at=10.0).as_dict(), "state": "unavailable", "reason": why})
+    adm.on_disk_state(gone, now=10.0)
+    assert adm.refusal(10.0) == f"storage unavailable: {why}"
+    dry = Admission(disk_config(), ignore_storage=True)  # a dry run writes nothing
+    dry.on_disk_state(gone, now=10.0)
+    assert dry.refusal(10.0) is None
+
+
+def test_a_worker_finding_the_storage_gone_stops_admission_until_the_watcher_looked(
+        adm: Admission) -> None:
+    adm.on_disk_state(msg(measured_at=10.0), now=10.0)
+    adm.storage_failed_at = 10.5
+    assert "storage unavailable" in adm.refusal(10.6)
+    adm.on_disk_state(msg(seq=2, measured_at=10.4, published_at=10.4), now=10.7)  # looked before
+    assert adm.refusal(10.7) is not None
+    adm.on_disk_state(msg(seq=3, measured_at=11.0), now=11.0)
+    assert adm.refusal(11.0) is None
+
+
+def test_an_mkv_job_is_reserved_at_its_peak_of_two_copies() -> None:
+    from services.dispatcher.admission import peak_factor
+    from shared.config import DownloaderConfig
+
+    assert peak_factor(DownloaderConfig(container="mkv")) == 2.0
+    assert peak_factor(DownloaderConfig(container="keep")) == 1.0
+    adm = Admission(disk_config(), peak_factor=2.0)
+    adm.on_disk_state(msg(usage=0, measured_at=0.0), now=0.0)
+    for job in range(4):  # 200 kB each at its peak: 5 fit under the 1 MB pause, not 10
+        assert adm.refusal(0.0, anime_id=1) is None
+        adm.reserve(job, anime_id=1)
+    assert adm.reserved_bytes() == 4 * 2 * EXPECTED
+    adm.reserve(4, anime_id=1)
+    assert adm.refusal(0.0, anime_id=1) == BUDGET
+    adm.written(0, 3 * EXPECTED)  # a remux copy bigger than expected: counted as written
+    assert adm.reserved_bytes() == 4 * 2 * EXPECTED + 3 * EXPECTED

@@ -60,3 +60,17 @@ def test_free_space_taken_by_others_counts_as_growth(tmp_path: Path) -> None:
     w = watcher(tmp_path, min_free_gb=5)
     w.observe(usage(10 * GB, 6 * GB, at=100.0), now=100.0)  # 1 GB above min_free
     assert w.near_a_threshold()
+
+
+def test_an_unavailable_storage_is_published_with_its_reason_and_the_state_stands_still(
+        tmp_path: Path) -> None:
+    w = watcher(tmp_path)
+    first = w.observe(usage(290 * GB, 900 * GB, at=100.0), now=100.0, storage_id="abc")
+    assert first.state == "paused" and first.reason == "" and first.storage_id == "abc"
+    why = "storage_dir /srv/anime has lost its marker (is the disk mounted?)"
+    # The bare mount point measures as empty: that must not read as "below resume".
+    gone = w.observe(usage(0, 900 * GB, at=101.0), now=101.0, problem=why)
+    assert (type(gone).__name__, gone.state, gone.reason) == ("DiskStateMsg", "unavailable", why)
+    assert w.observe(usage(0, 900 * GB, at=102.0), now=102.0, problem=why).state == "unavailable"
+    back = w.observe(usage(290 * GB, 900 * GB, at=103.0), now=103.0, storage_id="abc")
+    assert (type(back).__name__, back.state, back.reason) == ("DiskStateMsg", "paused", "")

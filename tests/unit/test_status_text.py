@@ -58,7 +58,8 @@ def sample(title: str = "Fullmetal Alchemist: Brotherhood") -> dict:
                  "reserved_bytes": 1_000_000_000, "free_bytes": 120 * GB,
                  "pause_threshold_bytes": 9 * GB, "resume_threshold_bytes": 8 * GB,
                  "hard_limit_bytes": 10 * GB, "min_free_bytes": GB, "measured_at": NOW - 0.5,
-                 "age_seconds": 0.5, "admitting": False, "refusal": "disk paused"},
+                 "age_seconds": 0.5, "admitting": False, "refusal": "disk paused",
+                 "reason": None},
         "recent_failures": [
             {"id": 3, "anime_id": 1, "anime_title": "Some Show", "episode": 2, "at": NOW - 60,
              "error": "ani-cli returned non-zero exit code: 1\nPlaying episode 2...\nEpisode not released!"},
@@ -134,6 +135,18 @@ def test_a_dispatcher_that_knows_nothing_yet_renders() -> None:
     assert "0 connected" in text
     assert "unknown" in text and "? of 10.0 GB hard limit" in text
     assert "0 episodes downloaded, average ?" in text
+
+
+def test_an_unavailable_storage_says_why_under_the_disk_line() -> None:
+    status = sample()
+    why = "storage_dir /mnt/usb/anime is no longer a mount point (is the disk mounted?)"
+    status["disk"].update(state="unavailable", reason=why, refusal=f"storage unavailable: {why}")
+    lines = render_text(status).splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("disk"))
+    assert lines[at].startswith("disk       unavailable [")
+    assert " ".join(line.strip() for line in lines[at + 1:at + 3]).startswith(f"storage unavailable: {why}")
+    assert not any("not starting downloads" in line for line in lines)
+    assert max(len(line) for line in lines) <= MAX_WIDTH
 
 
 @pytest.mark.parametrize("value, text", [(None, "?"), (0, "0 B"), (999, "999 B"), (1000, "1.0 KB"),
