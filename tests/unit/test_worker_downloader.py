@@ -210,6 +210,7 @@ def attempt(tmp_path: Path) -> Attempt:
         "zmq": {"dispatcher": "tcp://127.0.0.1:1", "status": "tcp://127.0.0.1:2",
                 "disk_state": "tcp://127.0.0.1:3", "disk_control": "tcp://127.0.0.1:4"},
     }))
+    (tmp_path / "storage").mkdir()  # the disk is there (shared/storage.py: never created)
     job = JobAssign(job_id=7, attempt=1, anime_id=5114, anime_title="Show", episode=3,
                     selected_index=1, selected_title="Show (site)", confidence="high",
                     lease_seconds=6.0, rate_limit_bps=0)
