@@ -96,7 +96,7 @@ class WebApp:
             app.router.add_get(route, self._static)
         app.router.add_get("/api/status", self._status)
         app.router.add_get("/api/session", self._session)
-        app.router.add_get("/api/events", self._events)
+        app.router.add_get("/api/events", self._events, allow_head=False)  # a stream has no head
         for command in ctl.COMMANDS:
             app.router.add_post(f"/api/ctl/{command}", self._control_handler(command))
         app.on_shutdown.append(self._on_shutdown)

@@ -33,7 +33,7 @@ def test_every_route_is_a_fixed_path_so_no_url_can_name_a_file(tmp_path):
         routes[resource.canonical] = sorted(r.method for r in resource)
     assert routes == {
         "/": ["GET", "HEAD"], "/static/app.js": ["GET", "HEAD"], "/static/style.css": ["GET", "HEAD"],
-        "/api/status": ["GET", "HEAD"], "/api/session": ["GET", "HEAD"], "/api/events": ["GET", "HEAD"],
+        "/api/status": ["GET", "HEAD"], "/api/session": ["GET", "HEAD"], "/api/events": ["GET"],
         **{f"/api/ctl/{name}": ["POST"] for name in ctl.COMMANDS}}
 
 

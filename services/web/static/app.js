@@ -69,7 +69,7 @@
     $("state").textContent = o.label || o.state || "?";
     let why = o.why || "";
     if (o.state === "not_answering" && update.since) {
-      why += ` (since ${clock(update.since)}; still trying every ${session.heartbeat} s)`;
+      why += ` (since ${clock(update.since)}; still trying)`;
     } else if (o.since) {
       why += ` (since ${clock(o.since)})`;
     }
