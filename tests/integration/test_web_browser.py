@@ -18,16 +18,17 @@ downloads a driver or a browser.
 from __future__ import annotations
 
 import copy
-import os
 import re
 import shutil
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
 import zmq
 
+from shared.config import load_config
 from shared.protocol import ProtocolError, StatusReply, StatusRequest, decode, encode
 from tests.system import System, wait_for
 
@@ -58,7 +59,7 @@ def _chromium() -> str | None:
 
 
 @pytest.fixture
-def browser(tmp_path):
+def browser(tmp_path, monkeypatch):
     chromium = _chromium()
     if chromium is None or not CHROMEDRIVER.exists():
         pytest.skip("no browser: install Debian's chromium and chromium-driver "
@@ -69,7 +70,7 @@ def browser(tmp_path):
         from selenium.webdriver.chrome.service import Service
     except ImportError:
         pytest.skip("selenium is not installed (pip install -e '.[test]')")
-    os.environ["SE_OFFLINE"] = "true"  # Selenium Manager, should it run at all: no downloads
+    monkeypatch.setenv("SE_OFFLINE", "true")  # Selenium Manager, should it run at all: no downloads
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     for flag in CHROMIUM_FLAGS:
@@ -240,11 +241,7 @@ def document(now: float) -> dict:
 
 
 def test_the_page_renders_what_the_document_says_and_only_as_text(make_system, browser, tmp_path):
-    import time
-
     system = make_system({"queue": {"heartbeat_seconds": 0.5}})
-    from shared.config import load_config
-
     endpoint = load_config(system.config_path).zmq.status
     (system.data / "run").mkdir(parents=True, mode=0o700)
     fake = ScriptedDispatcher(endpoint, document(time.time()))
