@@ -48,7 +48,7 @@ from shared.storage import identify_or_exit
 
 REPO_DIR = Path(__file__).resolve().parent.parent
 TEMPLATE = REPO_DIR / "supervisord.conf"
-PROGRAMS = ("disk-watcher", "dispatcher", "worker")
+PROGRAMS = ("disk-watcher", "dispatcher", "worker", "web")
 POKE_SECONDS = 0.05  # between requests to supervisord while something happens at once
 SUMMARY_POLL_SECONDS = 0.1  # --exit-when-done: how often to look for summary.json
 RESULT_POLL_SECONDS = 2.0  # how often to ask supervisord whether the dispatcher failed
@@ -157,8 +157,8 @@ def summary_line(summary: dict) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="anime-downloader",
-        description="Download every queued episode with ani-cli: a dispatcher, a disk-watcher "
-                    "and N workers under supervisord, in the foreground. Ctrl-C stops all.")
+        description="Download every queued episode with ani-cli: a dispatcher, a disk-watcher, "
+                    "N workers and the web page under supervisord, in the foreground. Ctrl-C stops all.")
     parser.add_argument("-c", "--config", default="config.toml", help="config file (default: %(default)s)")
     parser.add_argument("-w", "--workers", type=int, metavar="N",
                         help="number of concurrent download workers (default: "

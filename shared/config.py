@@ -9,6 +9,7 @@ GB means 10**9 bytes, MB 10**6.
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
 from pathlib import Path
 from typing import Any, Callable
@@ -102,6 +103,24 @@ class QueueConfig(Record):
     heartbeat_seconds: float = 2.0  # how often workers report progress
 
 
+class WebConfig(Record):
+    """[web]: where anime-web listens and what it asks of a client (README, "The web page")."""
+
+    host: str = "127.0.0.1"
+    port: int = 8766  # 0: any free port (anime-web logs the one it got)
+    password: str | None = None  # HTTP basic auth, any user name
+    api_key: str | None = None  # X-Api-Key header, for scripts
+
+    @property
+    def listen(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def local(self) -> bool:
+        """Only this machine can connect (a loopback address)."""
+        return is_loopback_host(self.host)
+
+
 class Config(Record):
     path: Path
     root_dir: Path
@@ -113,6 +132,7 @@ class Config(Record):
     # A missing storage_dir is created at start (the old behaviour); by default it is
     # refused: it is most likely the mount point of a disk that is not mounted.
     create_storage_dir: bool = False
+    web: WebConfig = Factory(WebConfig)
 
     @property
     def db_path(self) -> Path:
@@ -229,6 +249,11 @@ SCHEMA: dict[str, dict[str, tuple[Check, Any]]] = {
         "client_secret_key": (_string, None),
         "server_public_key": (_string, None),
     },
+    "web": {
+        "listen": (_string, "127.0.0.1:8766"),
+        "password": (_string, None),
+        "api_key": (_string, None),
+    },
 }
 
 DEFAULT_ENDPOINTS = {
@@ -320,6 +345,57 @@ def _check_thresholds(reader: _Reader, disk: dict[str, Any]) -> None:
                           f"must be below pause_threshold_gb ({pause:g})")
 
 
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:8766`` for IPv6) -> (host, port); ValueError says what is wrong."""
+    host, sep, port = value.rpartition(":")
+    host = host.strip()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"write an IPv6 address in brackets, e.g. [::1]:8766, got {value!r}")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"must be HOST:PORT with a port from 0 to 65535, e.g. "
+                         f"127.0.0.1:8766, got {value!r}")
+    if host != "localhost":
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"the host must be an IP address (127.0.0.1, 0.0.0.0, [::1]...) "
+                             f"or localhost, got {host!r}") from None
+    return host, int(port)
+
+
+API_KEY_MIN = 16
+
+
+def _web(reader: _Reader) -> WebConfig:
+    """[web]; an address other hosts can reach needs a password or an API key."""
+    raw = reader.section("web")
+    try:
+        host, port = parse_listen(raw["listen"])
+    except ValueError as exc:
+        raise reader.fail("web", "listen", str(exc)) from None
+    key = raw["api_key"]
+    if key is not None and len(key) < API_KEY_MIN:
+        raise reader.fail("web", "api_key", f"must be at least {API_KEY_MIN} characters, got "
+                          f"{len(key)}; e.g. the output of: python3 -c 'import secrets; "
+                          "print(secrets.token_urlsafe(24))'")
+    web = WebConfig(host=host, port=port, password=raw["password"], api_key=key)
+    if not web.local and web.password is None and key is None:
+        raise reader.fail("web", "listen", f"{raw['listen']} is reachable from other hosts; "
+                          "set [web] password or api_key, or listen on 127.0.0.1:8766")
+    return web
+
+
 def parse_config(path: Path, raw: dict[str, Any]) -> Config:
     reader = _Reader(path, raw)
     reader.check_unknown()
@@ -349,6 +425,7 @@ def parse_config(path: Path, raw: dict[str, Any]) -> Config:
         queue=QueueConfig(**queue),
         zmq=ZmqConfig(**endpoints, curve=curve),
         create_storage_dir=data["create_storage_dir"],
+        web=_web(reader),
     )
 
 

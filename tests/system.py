@@ -40,6 +40,7 @@ BASE_CONFIG: dict[str, dict[str, Any]] = {
     "downloader": {"command": str(SIM_ANI_CLI), "verify": False, "container": "keep",
                    "timeout_seconds": 30, "retry_backoff_seconds": 0},
     "queue": {"lease_seconds": 6, "heartbeat_seconds": 1},
+    "web": {"listen": "127.0.0.1:0"},  # anime-web picks a free port and logs it: never a fixed one
 }
 
 
