@@ -15,10 +15,12 @@ Invariants:
   that cannot be done now leaves memory as it was and is tried again; only the
   holder of a lease is answered, and only once its write has committed.
 - One worker id, one live session (sessions.py).
+- A stop hands out nothing more and waits, for a few seconds at most, for the
+  hand-backs of the workers that stop with it (stopping.py).
 
 The rooms: leases.py (the lease table), sessions.py (workers, credits),
 handout.py (claims and assignments), reports.py (what a worker says of its job),
-endings.py (the write, then memory),
+endings.py (the write, then memory), stopping.py (the stop's grace),
 settlement.py (landed files, private directories), retries.py (backoff),
 counts.py (the cached counts, completion), disk_hooks.py + admission.py (the disk),
 recent.py (the last hour), snapshot.py (what the status sees).
@@ -49,6 +51,7 @@ from services.dispatcher.retries import RetryPolicy
 from services.dispatcher.sessions import Sessions, always_connected
 from services.dispatcher.settlement import Settlement
 from services.dispatcher.snapshot import StatusSnapshot
+from services.dispatcher.stopping import Stopping
 from services.dispatcher.store import StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -90,8 +93,8 @@ class Dispatcher:
         self.reports = Reports(config.queue.lease_seconds, self.options.dry_run, self.db,
                                self.leases, self.sessions, self.disk, self.retries,
                                self.settlement, self.endings, self.handout, self.recent)
+        self.stop = Stopping(self.leases, self.sessions.connected)
         self.started = False
-        self.stopping = False
 
     @property
     def store(self):
@@ -197,7 +200,7 @@ class Dispatcher:
                 lease.ending = Ending(REQUEUE, reason="worker gone before the job reached it")
                 self.endings.end(lease, now)
 
-    # --- the disk, time ---------------------------------------------
+    # --- the disk, time, stopping ---------------------------------------------
 
     def on_disk_state(self, msg: DiskStateMsg, now: float) -> list[Outgoing]:
         self.disk.on_state(msg, now)
@@ -243,6 +246,17 @@ class Dispatcher:
             lease.deadline_dirty = False
             if lease.job.id in lost:
                 self.endings.changed_elsewhere(lease, now)
+
+    @property
+    def stopping(self) -> bool:
+        return self.stop.requested
+
+    def begin_stop(self, now: float, everyone_stops: bool) -> None:
+        """A stop was requested: hand out nothing more (see stopping.py)."""
+        self.stop.begin(now, everyone_stops)
+
+    def may_exit(self, now: float) -> bool:
+        return self.stop.may_exit(now)
 
     # --- counts, status, completion -------------------------------------------
 

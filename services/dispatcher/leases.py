@@ -14,6 +14,8 @@ memory and reach the database in batches (``dirty``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
+
 from shared.models import STAGE_DOWNLOADING
 from services.dispatcher.store import ClaimedJob
 
@@ -121,6 +123,16 @@ class LeaseTable(dict[int, Lease]):
         """The loop could not run for ``seconds``: no deadline runs out for that time."""
         for lease in self.values():
             lease.deadline += seconds
+
+    def awaited_at_stop(self, connected: Callable[[bytes], bool], everyone_stops: bool) -> list[Lease]:
+        """The leases a stopping dispatcher waits for: every ending not yet written, and
+        the running leases of connected workers that stop too (all of them when the whole
+        tree got the stop, e.g. supervisord killed; otherwise those that said so in their
+        heartbeat). A worker that goes on downloading is not waited for: a restarted
+        dispatcher re-adopts its lease."""
+        return [lease for lease in self.values() if lease.ending is not None or (
+            lease.running and (everyone_stops or lease.state == "stopping")
+            and connected(lease.owner))]
 
 
 def owner_worker_id(identity: bytes) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 
 import zmq
@@ -47,6 +48,9 @@ class DispatcherServer:
                                      options, connected=self._connected)
         self.sockets = Sockets(config)
         self.stop = StopRequest()
+        # Under supervisord a kill -9 of it sends every program SIGTERM at once (parent-death
+        # signal): then the workers stop too, and their hand-backs are worth waiting for.
+        self.parent = os.getppid()
         # Workers on other machines authenticate with CURVE: each message then carries
         # the client's public key (ZAP's User-Id), to which the dispatcher binds worker ids.
         self.curve = not is_local_endpoint(config.zmq.dispatcher)
@@ -83,20 +87,26 @@ class DispatcherServer:
             log.info("dispatcher stopped")
 
     def _loop(self) -> int:
-        """Until a stop is requested (or, with --exit-when-done, nothing is left)."""
+        """Until a stop, then until the workers that stop with it have handed back their
+        jobs (or its grace is over); a second stop signal ends it at once."""
         d = self.dispatcher
         timers = Timers()
         timers.start(TICK, time.monotonic(), 0)
         if self.options.exit_when_done:
             timers.start(DONE_CHECK, time.monotonic(), 0)
         last_tick = time.monotonic()
+        signals_at_stop = 0
         while True:
             events = dict(self.poller.poll(timers.wait_ms(time.monotonic())))
             had_leases = bool(d.leases)
             if self.stop.wakeup_fd in events:
                 self.stop.drain()
-                log.info(kv("stop requested: handing out nothing more", leases=len(d.leases)))
-                return 0
+                if not d.stopping:
+                    signals_at_stop = self.stop.count
+                    d.begin_stop(time.time(), everyone_stops=os.getppid() != self.parent)
+                elif self.stop.count > signals_at_stop:
+                    log.info(kv("second stop signal: stopping now", leases=len(d.leases)))
+                    return 0
             if self.disk_sub in events:
                 self._drain(self.disk_sub, self._on_disk)
             # Status first, and workers in batches: under a stream of worker messages a
@@ -114,6 +124,10 @@ class DispatcherServer:
                 # Nothing leased: lease deadlines need no watching, wake less often.
                 timers.start(TICK, last_tick, TICK_SECONDS if d.leases else IDLE_TICK_SECONDS)
             self._flush_disk_requests()
+            if d.stopping:
+                if d.may_exit(time.time()):
+                    return 0
+                continue
             # At once when the last lease ends on an empty queue, else every tick.
             if timers.due(DONE_CHECK, time.monotonic()) or (
                     self.options.exit_when_done and had_leases and d.drained()):

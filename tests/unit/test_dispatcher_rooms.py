@@ -1,8 +1,9 @@
 """The dispatcher's rooms one by one, over an injected clock and the fake effects: no
 disk, no socket, no database but where a room reads one (a counting double).
 
-leases (fencing, expiry, deadlines), sessions (credits, one live session per id),
-settlement (landed files, private directories), counts (the rate-limited refresh, an empty queue), retries (backoff).
+leases (fencing, expiry, deadlines, what a stop waits for), stopping (the grace),
+sessions (credits, one live session per id), settlement (landed files, private
+directories), counts (the rate-limited refresh, an empty queue), retries (backoff).
 """
 
 from __future__ import annotations
@@ -10,13 +11,17 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import pytest
+
 from services.dispatcher import retries as retries_module
 from services.dispatcher.counts import REFRESH_SECONDS, QueueCounts
 from services.dispatcher.db_health import Database
-from services.dispatcher.leases import FAIL, LAND, REQUEUE, Ending, Lease, LeaseTable
+from services.dispatcher.leases import (DISPATCHER, FAIL, LAND, REQUEUE, Ending, Lease,
+                                        LeaseTable)
 from services.dispatcher.retries import INTERRUPTED_CAP, RetryPolicy
 from services.dispatcher.sessions import Sessions
 from services.dispatcher.settlement import Settlement
+from services.dispatcher.stopping import STOP_GRACE_SECONDS, Stopping
 from services.dispatcher.store import ClaimedJob, StoreUnavailable
 from shared.config import DownloaderConfig
 from shared.protocol import (REASON_ERROR, REASON_INTERRUPTED, REASON_INVALID, REASON_NO_SPACE,
@@ -68,6 +73,41 @@ def test_expiry_deadlines_and_a_stalled_loop() -> None:
     assert second.deadline == 21.0 and t.dirty() == [second] and t.pending_writes() == 2
     t.stalled(30.0)  # the loop was blocked: no lease runs out for that time
     assert second.deadline == 51.0 and t.expired(50.0) == []
+
+
+@pytest.mark.parametrize("everyone_stops", [False, True])
+def test_what_a_stop_waits_for(everyone_stops: bool) -> None:
+    downloading = Lease(job(1), A, 10.0, 0.0)
+    stopping = Lease(job(2), B, 10.0, 0.0, state="stopping")
+    gone = Lease(job(3), b"w03/cccc", 10.0, 0.0)
+    writing = Lease(job(4), DISPATCHER, float("inf"), 0.0, ending=Ending(FAIL))
+    t = table(downloading, stopping, gone, writing)
+    awaited = t.awaited_at_stop(lambda identity: identity != gone.owner, everyone_stops)
+    # an ending not yet written always; a worker that stops too; a worker that goes on
+    # downloading only when the whole tree stops; a worker that is gone never
+    expected = [downloading, stopping, writing] if everyone_stops else [stopping, writing]
+    assert sorted(l.job.id for l in awaited) == sorted(l.job.id for l in expected)
+
+
+# --- stopping ---------------------------------------------------------------------
+
+def test_a_stop_waits_for_hand_backs_until_its_grace_runs_out() -> None:
+    lease = Lease(job(1), A, 10.0, 0.0)
+    t = table(lease)
+    stop = Stopping(t, connected=lambda identity: True)
+    stop.begin(100.0, everyone_stops=True)
+    assert stop.requested
+    assert not stop.may_exit(100.0 + STOP_GRACE_SECONDS - 0.1)
+    assert stop.may_exit(100.0 + STOP_GRACE_SECONDS)  # the lease is left for the next start
+    del t[1]  # handed back and written
+    assert stop.may_exit(100.1)
+
+
+def test_a_stop_with_nothing_to_wait_for_ends_at_once() -> None:
+    t = table(Lease(job(1), A, 10.0, 0.0))  # a worker that goes on downloading
+    stop = Stopping(t, connected=lambda identity: True)
+    stop.begin(100.0, everyone_stops=False)  # the dispatcher alone is stopped (a restart)
+    assert stop.may_exit(100.0)
 
 
 # --- sessions -------------------------------------------------------------------
