@@ -52,7 +52,7 @@ from services.dispatcher.sessions import Sessions, always_connected
 from services.dispatcher.settlement import Settlement
 from services.dispatcher.snapshot import StatusSnapshot
 from services.dispatcher.stopping import Stopping
-from services.dispatcher.store import StoreUnavailable
+from services.dispatcher.store import SqlJobStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class Options:
 
 
 class Dispatcher:
-    def __init__(self, store: object, effects: Effects, config: Config,
+    def __init__(self, store: SqlJobStore, effects: Effects, config: Config,
                  options: Options | None = None, rng: random.Random | None = None,
                  connected: Callable[[bytes], bool] = always_connected) -> None:
         self.config = config
@@ -93,15 +93,15 @@ class Dispatcher:
         self.reports = Reports(config.queue.lease_seconds, self.options.dry_run, self.db,
                                self.leases, self.sessions, self.disk, self.retries,
                                self.settlement, self.endings, self.handout, self.recent)
-        self.stop = Stopping(self.leases, self.sessions.connected)
+        self.stop = Stopping(self.leases, self.sessions)
         self.started = False
 
     @property
-    def store(self):
+    def store(self) -> SqlJobStore:
         return self.db.store
 
     @store.setter
-    def store(self, store: object) -> None:
+    def store(self, store: SqlJobStore) -> None:
         self.db.store = store
 
     @property

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Callable, TypeVar
 
 from shared.lifecycle import kv
-from services.dispatcher.store import StoreUnavailable
+from services.dispatcher.store import SqlJobStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
 DB_RETRY_SECONDS = 0.5
@@ -47,7 +47,7 @@ class DbHealth:
 class Database:
     """The store (SqlJobStore, DryRunStore or a test's double) behind the health account."""
 
-    def __init__(self, store: Any) -> None:
+    def __init__(self, store: SqlJobStore) -> None:
         self.store = store
         self.health = DbHealth()
 

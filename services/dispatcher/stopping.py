@@ -14,10 +14,9 @@ downloading (the next dispatcher re-adopts their leases).
 from __future__ import annotations
 
 import logging
-from typing import Callable
-
 from shared.lifecycle import kv
 from services.dispatcher.leases import Lease, LeaseTable
+from services.dispatcher.sessions import Sessions
 
 log = logging.getLogger(__name__)
 # At most this long: inside supervisord's stopwaitsecs (10 s) for the dispatcher, and as
@@ -26,9 +25,9 @@ STOP_GRACE_SECONDS = 8.0
 
 
 class Stopping:
-    def __init__(self, leases: LeaseTable, connected: Callable[[bytes], bool]) -> None:
+    def __init__(self, leases: LeaseTable, sessions: Sessions) -> None:
         self.leases = leases
-        self.connected = connected
+        self.sessions = sessions  # whether a worker is still connected: asked at each look
         self.requested = False
         self._deadline = float("inf")
         self._everyone_stops = False
@@ -47,7 +46,7 @@ class Stopping:
             log.info(kv("stop requested: handing out nothing more", leases=len(self.leases)))
 
     def _awaited(self) -> list[Lease]:
-        return self.leases.awaited_at_stop(self.connected, self._everyone_stops)
+        return self.leases.awaited_at_stop(self.sessions.connected, self._everyone_stops)
 
     def may_exit(self, now: float) -> bool:
         """Nothing left to wait for, or the grace is over (the leases left are re-adopted

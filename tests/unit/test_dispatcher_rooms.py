@@ -94,7 +94,7 @@ def test_what_a_stop_waits_for(everyone_stops: bool) -> None:
 def test_a_stop_waits_for_hand_backs_until_its_grace_runs_out() -> None:
     lease = Lease(job(1), A, 10.0, 0.0)
     t = table(lease)
-    stop = Stopping(t, connected=lambda identity: True)
+    stop = Stopping(t, Sessions(lease_seconds=6.0))
     stop.begin(100.0, everyone_stops=True)
     assert stop.requested
     assert not stop.may_exit(100.0 + STOP_GRACE_SECONDS - 0.1)
@@ -103,9 +103,19 @@ def test_a_stop_waits_for_hand_backs_until_its_grace_runs_out() -> None:
     assert stop.may_exit(100.1)
 
 
+def test_a_stop_does_not_wait_for_a_worker_that_has_gone() -> None:
+    t = table(Lease(job(1), A, 10.0, 0.0))
+    sessions = Sessions(lease_seconds=6.0)
+    stop = Stopping(t, sessions)
+    stop.begin(100.0, everyone_stops=True)
+    assert not stop.may_exit(100.5)
+    sessions.connected = lambda identity: False  # it exited without a word (killed)
+    assert stop.may_exit(101.0)
+
+
 def test_a_stop_with_nothing_to_wait_for_ends_at_once() -> None:
     t = table(Lease(job(1), A, 10.0, 0.0))  # a worker that goes on downloading
-    stop = Stopping(t, connected=lambda identity: True)
+    stop = Stopping(t, Sessions(lease_seconds=6.0))
     stop.begin(100.0, everyone_stops=False)  # the dispatcher alone is stopped (a restart)
     assert stop.may_exit(100.0)
 
