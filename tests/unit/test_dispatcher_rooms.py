@@ -364,3 +364,30 @@ def test_the_core_settles_and_sweeps_through_its_effects_alone(tmp_path: Path) -
     assert (row.stage, row.retry_count) == ("downloaded", 0)
     assert not config.storage_dir.exists()  # nothing at all was done on the disk
     d.store.close()
+
+
+def test_a_stopping_core_hands_out_nothing_and_records_the_hand_backs(tmp_path: Path) -> None:
+    from services.dispatcher.core import Dispatcher
+    from services.dispatcher.store import SqlJobStore
+    from services.enqueue import enqueue
+    from shared.protocol import JobAck, JobAssign
+    from tests.unit.test_dispatcher_core import make_config
+    from tests.system import running_state
+
+    config = make_config(tmp_path)
+    enqueue(config.db_path, 7, "Show", [1, 2], 3, (1, "Show (site)", "high"))
+    d = Dispatcher(SqlJobStore(config.db_path), FakeEffects(config.storage_dir), config)
+    d.start(0.0)
+    d.on_disk_state(running_state(), 0.0)
+    [(_, first)] = d.handle(A, ready(A, 0), 0.0)
+    d.begin_stop(1.0, everyone_stops=True)  # supervisord is gone: A stops too
+    assert d.handle(B, ready(B, 0), 1.0) == [] and d.tick(1.1) == []  # nothing more handed out
+    assert not d.may_exit(1.2)
+    out = d.handle(A, JobFailed(worker_id="w01", session="aaaa", job_id=first.job_id,
+                                attempt=first.attempt, reason=REASON_INTERRUPTED,
+                                error="interrupted by a stop request"), 1.3)
+    assert [type(m) for _, m in out] == [JobAck] and isinstance(first, JobAssign)
+    row = d.store.get(first.job_id)
+    assert (row.stage, row.retry_count) == ("queued", 0)
+    assert d.may_exit(1.4)
+    d.store.close()
