@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging("disk-watcher", args.verbose)
 
     def build():
-        from services.disk_watcher.service import DiskWatcherServer
+        from services.disk_watcher.server import DiskWatcherServer
 
         return DiskWatcherServer(load_config(args.config))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 
 import zmq
@@ -19,8 +20,12 @@ from shared.protocol import (DiskStateMsg, DiskUsageMsg, Message, ProtocolError,
                              StatusRequest, WorkerProbe, decode, encode)
 from shared.singleton import hold_lock
 from shared.sockets import Sockets, is_local_endpoint, waiting
+from shared.timers import Timers
 from services.dispatcher.core import Dispatcher, Options
-from services.dispatcher.store import DryRunStore, SqlJobStore, StoreUnavailable
+from services.dispatcher.effects import FileEffects
+from services.dispatcher.status_view import build_status
+from services.dispatcher.store import SqlJobStore, StoreUnavailable
+from services.dispatcher.store_dry_run import DryRunStore
 
 log = logging.getLogger(__name__)
 TICK_SECONDS = 0.5
@@ -29,6 +34,7 @@ START_RETRY_SECONDS = 0.25  # trying to open a locked database again
 # Ticks come at most IDLE_TICK_SECONDS apart; a longer gap beyond this is a stall of the
 # loop, not of the workers (their heartbeats of that time may still wait in the socket).
 STALL_SECONDS = 1.0
+TICK, DONE_CHECK = "tick", "done check"  # the loop's timers
 
 
 class DispatcherServer:
@@ -38,10 +44,13 @@ class DispatcherServer:
         hold_lock(config.run_dir / "dispatcher.lock", f"dispatcher for {config.db_path}")
         store_class = DryRunStore if options.dry_run else SqlJobStore
         self.store = store_class(config.db_path, options.anime_id)
-        self.dispatcher = Dispatcher(self.store, config, options)
-        self.dispatcher.sessions.connected = self._connected
+        self.dispatcher = Dispatcher(self.store, FileEffects(config, options.dry_run), config,
+                                     options, connected=self._connected)
         self.sockets = Sockets(config)
         self.stop = StopRequest()
+        # Under supervisord a kill -9 of it sends every program SIGTERM at once (parent-death
+        # signal): then the workers stop too, and their hand-backs are worth waiting for.
+        self.parent = os.getppid()
         # Workers on other machines authenticate with CURVE: each message then carries
         # the client's public key (ZAP's User-Id), to which the dispatcher binds worker ids.
         self.curve = not is_local_endpoint(config.zmq.dispatcher)
@@ -67,50 +76,64 @@ class DispatcherServer:
         self.start_poller.register(self.stop.wakeup_fd, zmq.POLLIN)
 
     def run(self) -> int:
-        d = self.dispatcher
         self._open_sockets()  # first: an endpoint refused at start leaves the database alone
         try:
             if not self._start():
                 return 0
-            next_tick = done_check = 0.0
-            last_tick = time.monotonic()
-            while not self.stop.requested:
-                timeout = max(0.0, next_tick - time.monotonic())
-                events = dict(self.poller.poll(timeout * 1000))
-                had_leases = bool(d.leases)
-                if self.stop.wakeup_fd in events:
-                    self.stop.drain()
-                    continue
-                if self.disk_sub in events:
-                    self._drain(self.disk_sub, self._on_disk)
-                # Status first, and workers in batches: under a stream of worker messages a
-                # status request waited behind up to 1000 of them (p50 237 ms at 1,200 jobs/s).
-                if self.status in events:
-                    self._drain(self.status, self._on_status)
-                if self.router in events:
-                    self._drain(self.router, self._on_worker, limit=100, copy=not self.curve)
-                if time.monotonic() >= next_tick:
-                    stall = time.monotonic() - last_tick - IDLE_TICK_SECONDS
-                    if stall > STALL_SECONDS:
-                        d.stalled(stall, time.time())
-                    last_tick = time.monotonic()
-                    self._send(d.tick(time.time()))
-                    # Nothing leased: lease deadlines need no watching, wake less often.
-                    next_tick = time.monotonic() + (TICK_SECONDS if d.leases else IDLE_TICK_SECONDS)
-                self._flush_disk_requests()
-                # At once when the last lease ends on an empty queue, else every tick.
-                if self.options.exit_when_done and (time.monotonic() >= done_check or (
-                        had_leases and not d.leases and d._queue_empty)):
-                    done_check = time.monotonic() + TICK_SECONDS
-                    if d.done(time.time()) and (code := self._finish()) is not None:
-                        return code
-            log.info(kv("stop requested: handing out nothing more", leases=len(d.leases)))
-            return 0
+            return self._loop()
         finally:
-            d.stopping = True
             self.store.close()
             self.sockets.close()
             log.info("dispatcher stopped")
+
+    def _loop(self) -> int:
+        """Until a stop, then until the workers that stop with it have handed back their
+        jobs (or its grace is over); a second stop signal ends it at once."""
+        d = self.dispatcher
+        timers = Timers()
+        timers.start(TICK, time.monotonic(), 0)
+        if self.options.exit_when_done:
+            timers.start(DONE_CHECK, time.monotonic(), 0)
+        last_tick = time.monotonic()
+        signals_at_stop = 0
+        while True:
+            events = dict(self.poller.poll(timers.wait_ms(time.monotonic())))
+            had_leases = bool(d.leases)
+            if self.stop.wakeup_fd in events:
+                self.stop.drain()
+                if not d.stopping:
+                    signals_at_stop = self.stop.count
+                    d.begin_stop(time.time(), everyone_stops=os.getppid() != self.parent)
+                elif self.stop.count > signals_at_stop:
+                    log.info(kv("second stop signal: stopping now", leases=len(d.leases)))
+                    return 0
+            if self.disk_sub in events:
+                self._drain(self.disk_sub, self._on_disk)
+            # Status first, and workers in batches: under a stream of worker messages a
+            # status request waited behind up to 1000 of them (p50 237 ms at 1,200 jobs/s).
+            if self.status in events:
+                self._drain(self.status, self._on_status)
+            if self.router in events:
+                self._drain(self.router, self._on_worker, limit=100, copy=not self.curve)
+            if timers.due(TICK, time.monotonic()):
+                stall = time.monotonic() - last_tick - IDLE_TICK_SECONDS
+                if stall > STALL_SECONDS:
+                    d.stalled(stall, time.time())
+                last_tick = time.monotonic()
+                self._send(d.tick(time.time()))
+                # Nothing leased: lease deadlines need no watching, wake less often.
+                timers.start(TICK, last_tick, TICK_SECONDS if d.leases else IDLE_TICK_SECONDS)
+            self._flush_disk_requests()
+            if d.stopping:
+                if d.may_exit(time.time()):
+                    return 0
+                continue
+            # At once when the last lease ends on an empty queue, else every tick.
+            if timers.due(DONE_CHECK, time.monotonic()) or (
+                    self.options.exit_when_done and had_leases and d.drained()):
+                timers.start(DONE_CHECK, time.monotonic(), TICK_SECONDS)
+                if d.done(time.time()) and (code := self._finish()) is not None:
+                    return code
 
     def _start(self) -> bool:
         """Open the database and re-adopt its leases, waiting (one log line) while another
@@ -151,7 +174,7 @@ class DispatcherServer:
                     except ProtocolError:
                         continue
                     if isinstance(msg, DiskStateMsg):
-                        self.dispatcher.admission.on_disk_state(msg, time.time())
+                        self.dispatcher.disk.on_state(msg, time.time())
             if self.status in events:
                 self._drain(self.status, self._on_status)
 
@@ -219,7 +242,7 @@ class DispatcherServer:
             rest = rest[1:]
         if not isinstance(decode(rest), StatusRequest):
             raise ProtocolError("only status.request is served on the status endpoint")
-        reply = StatusReply(status=self.dispatcher.status(time.time()))
+        reply = StatusReply(status=build_status(self.dispatcher.snapshot(time.time())))
         self.status.send_multipart(envelope + encode(reply), zmq.NOBLOCK)
 
     def _send(self, outgoing: list[tuple[bytes, Message]]) -> None:
@@ -232,9 +255,8 @@ class DispatcherServer:
                 self.dispatcher.undeliverable(identity, msg, time.time())
 
     def _flush_disk_requests(self) -> None:
-        for request in self.dispatcher.disk_requests:
+        for request in self.dispatcher.disk.take_requests():
             try:
                 self.disk_push.send_multipart(encode(request), zmq.NOBLOCK)
             except zmq.Again:
                 pass  # the disk-watcher is down or busy; it re-measures on its own
-        self.dispatcher.disk_requests.clear()

@@ -19,7 +19,7 @@ from typing import Callable, Iterable
 
 from shared.lifecycle import kv
 from shared.protocol import (JobAck, JobCancel, JobFailed, JobFinished, JobHeartbeat,
-                             JobLanded, Message, WorkerRefused)
+                             JobLanded, Message, WorkerReady, WorkerRefused)
 from services.dispatcher.leases import owner_worker_id
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ class WorkerSeen:
     state: str = "idle"
 
 
-def _always_connected(identity: bytes) -> bool:
+def always_connected(identity: bytes) -> bool:
     return True
 
 
@@ -44,7 +44,7 @@ def _always_connected(identity: bytes) -> bool:
 class Sessions:
     lease_seconds: float
     # Whether a session is still connected (the server asks its ROUTER); tests say it.
-    connected: Callable[[bytes], bool] = _always_connected
+    connected: Callable[[bytes], bool] = always_connected
     workers: dict[bytes, WorkerSeen] = field(default_factory=dict)
     idle: OrderedDict = field(default_factory=OrderedDict)  # identity -> (seq, seen_at)
     consumed_seq: dict[bytes, int] = field(default_factory=dict)
@@ -82,6 +82,29 @@ class Sessions:
         self.workers[identity] = WorkerSeen(worker_id, getattr(msg, "host", ""), now)
         log.info(kv("worker connected", worker_id=worker_id, owner=identity.decode()))
         return None, gone
+
+    # --- credits: a worker that said it is idle may be handed one job -------------
+
+    def credit(self, identity: bytes, msg: WorkerReady, now: float) -> bool:
+        """A WorkerReady: the worker is idle; True if it is a new credit (each idle
+        period has its own seq: a repeat of one already used is none)."""
+        self.workers[identity].state = "idle"
+        if msg.seq <= self.consumed_seq.get(identity, -1):
+            return False
+        if identity not in self.idle:
+            log.debug(kv("worker idle", worker_id=msg.worker_id, seq=msg.seq))
+        self.idle[identity] = (msg.seq, now)
+        return True
+
+    def used(self, identity: bytes, seq: int) -> None:
+        """The credit ``seq`` was spent on a job."""
+        del self.idle[identity]
+        self.consumed_seq[identity] = seq
+
+    def busy(self, identity: bytes, state: str) -> None:
+        """A heartbeat of a job: the worker holds no credit, and says what it is doing."""
+        self.idle.pop(identity, None)
+        self.workers[identity].state = state
 
     def _live(self, identity: bytes, now: float) -> bool:
         seen = self.workers.get(identity)

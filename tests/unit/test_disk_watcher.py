@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from services.disk_watcher.service import ASSUMED_WRITE_BPS, HEADROOM_SECONDS, DiskWatcher
+from services.disk_watcher.core import ASSUMED_WRITE_BPS, HEADROOM_SECONDS, DiskWatcher
 from shared.config import GB, load_config
 from shared.disk import DiskUsage
 from tests.system import render_toml

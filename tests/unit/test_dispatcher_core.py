@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 
 from services.dispatcher.core import Dispatcher
+from services.dispatcher.effects import FileEffects
+from services.dispatcher.status_view import build_status
 from services.dispatcher.store import SqlJobStore
 from services.enqueue import enqueue
 from shared import layout
@@ -62,7 +64,7 @@ class Rig:
 
     def new_dispatcher(self, now: float, seed: int = 1) -> Dispatcher:
         store = SqlJobStore(self.config.db_path)
-        d = Dispatcher(store, self.config, rng=random.Random(seed))
+        d = Dispatcher(store, FileEffects(self.config), self.config, rng=random.Random(seed))
         d.start(now)
         self.d = d
         return d
@@ -130,6 +132,11 @@ class Rig:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"v" * size)
         return path
+
+
+def status(d: Dispatcher, now: float) -> dict:
+    """The status document, as the server builds it."""
+    return build_status(d.snapshot(now))
 
 
 def assigns(out: list, identity: bytes | None = None) -> list[JobAssign]:
@@ -208,7 +215,7 @@ def test_no_lease_without_a_fresh_disk_state(tmp_path: Path) -> None:
                             reason=REASON_INTERRUPTED, error="x"), 2.5)
     out = r.d.handle(A, WorkerReady(worker_id="w01", session="aaaa", seq=1), 10.0)
     assert assigns(out) == [] and assigns(r.d.tick(10.0)) == []  # the state of t=2 is stale
-    assert "stale" in r.d.status(10.0)["disk"]["refusal"]
+    assert "stale" in status(r.d, 10.0)["disk"]["refusal"]
     assert only_assign(r.disk(10.5), A).job_id == 1
     r.d.store.close()
 
@@ -314,7 +321,7 @@ def test_a_backing_off_job_is_not_handed_out_before_its_time(tmp_path: Path) -> 
     while t < due - 0.5:  # the idle worker re-sends its credit every heartbeat
         assert assigns(r.ready(A, t, seq=1) + r.tick(t)) == [], f"handed out at {t}, due {due}"
         t += 0.5
-    assert r.d.status(t)["queue"]["backing_off"] == 1
+    assert status(r.d, t)["queue"]["backing_off"] == 1
     # handed out as soon as the backoff is over, not at the next periodic refresh
     out = r.ready(A, due + 0.2, seq=1) + r.tick(due + 0.3)
     again = only_assign(out, A)

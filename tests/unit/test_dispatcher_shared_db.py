@@ -15,13 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from services.dispatcher import core
+from services.dispatcher import retries
 from services.dispatcher.core import Dispatcher
 from services.dispatcher.db_health import DB_RETRY_SECONDS
+from services.dispatcher.effects import FileEffects
 from services.dispatcher.store import SqlJobStore, StoreUnavailable
 from shared.protocol import (REASON_ERROR, REASON_INTERRUPTED, JobAck, JobCancel, JobCommit,
                              JobFailed, JobHeartbeat, WorkerReady, WorkerRefused)
-from tests.unit.test_dispatcher_core import LEASE, A, B, Rig, assigns, of_type, only_assign
+from tests.unit.test_dispatcher_core import LEASE, A, B, Rig, assigns, of_type, only_assign, status
 
 LOCKED = "database is locked"
 RETRY = DB_RETRY_SECONDS
@@ -52,7 +53,7 @@ class FlakyStore:
 class SharedRig(Rig):
     def new_dispatcher(self, now: float, seed: int = 1) -> Dispatcher:
         self.store = FlakyStore(SqlJobStore(self.config.db_path))
-        d = Dispatcher(self.store, self.config)
+        d = Dispatcher(self.store, FileEffects(self.config), self.config)
         d.start(now)
         self.d = d
         return d
@@ -76,7 +77,7 @@ def rig(tmp_path: Path) -> SharedRig:
 def memory(d: Dispatcher) -> tuple:
     """What must not change while a write waits (the counts are read from the database)."""
     return (sorted((i, l.owner, l.attempt) for i, l in d.leases.items()),
-            sorted(d.admission.reservations), len(d.landed_recent), d.dry_run_done)
+            sorted(d.admission.reservations), len(d.recent.landed), d.recent.dry_run_done)
 
 
 # --- writes that wait: nothing is answered, memory stays, retried until done ---------------
@@ -95,15 +96,15 @@ def test_a_landing_the_database_refuses_is_acked_only_once_it_is_recorded(rig: S
         assert memory(rig.d) == before
         assert rig.row(1)["stage"] == "downloading"
         t += 1.0
-    assert rig.d.status(t)["database"]["busy_since"] == pytest.approx(2.0)
-    assert rig.d.status(t)["queue"]["downloaded"] == 0
+    assert status(rig.d, t)["database"]["busy_since"] == pytest.approx(2.0)
+    assert status(rig.d, t)["queue"]["downloaded"] == 0
     assert not rig.d.done(t)
     rig.store.fail = set()
     rig.tick(t)  # the retry of the landing
     row = rig.row(1)
     assert (row["stage"], row["video_path"], row["retry_count"]) == ("downloaded", str(path), 0)
     assert not rig.d.leases and not rig.d.admission.reservations
-    assert rig.d.status(t)["database"]["busy_since"] is None
+    assert status(rig.d, t)["database"]["busy_since"] is None
     assert of_type(rig.landed(A, job, str(path), t + 1), JobAck)  # the next re-send
 
 
@@ -192,7 +193,7 @@ def test_an_invalid_row_is_held_by_the_dispatcher_until_its_failure_is_written(r
     rig.store.fail = {"mark_failed"}
     assert assigns(rig.ready(A, 0.0)) == []  # the database is busy: no claim either
     assert rig.row(1)["stage"] == "downloading" and 1 in rig.d.leases
-    assert rig.d.status(0.0)["workers"][0]["job"] is None
+    assert status(rig.d, 0.0)["workers"][0]["job"] is None
     assert not rig.d.done(0.0)
     rig.store.fail = set()
     assert only_assign(rig.tick(1.0), A).job_id == 2
@@ -229,12 +230,12 @@ def test_start_on_a_locked_database_changes_nothing_and_can_be_tried_again(rig: 
     only_assign(rig.ready(A, 0.0), A)
     rig.store.close()
     store = FlakyStore(SqlJobStore(rig.config.db_path))
-    d = Dispatcher(store, rig.config)
+    d = Dispatcher(store, FileEffects(rig.config), rig.config)
     store.fail = {"leases"}
     with pytest.raises(StoreUnavailable):
         d.start(1.0)
     assert not d.started and not d.leases and not d.admission.reservations
-    assert d.status(1.0)["database"]["busy_since"] == 1.0
+    assert status(d, 1.0)["database"]["busy_since"] == 1.0
     store.fail = set()
     d.start(1.5)
     assert d.started and set(d.leases) == {1}
@@ -352,13 +353,13 @@ def test_a_job_interrupted_again_and_again_backs_off_then_counts(rig: SharedRig)
     would claim it (claims are by id), fail and requeue it in a tight loop."""
     rig.enqueue(1, [1, 2, 3])
     now, holds = 0.0, []
-    for n in range(1, core.INTERRUPTED_CAP + 1):
+    for n in range(1, retries.INTERRUPTED_CAP + 1):
         job = only_assign(rig.ready(A, now), A)
         assert job.job_id == 1, f"job 1 not handed out again after its hold ({n})"
         rig.failed(A, job, REASON_INTERRUPTED, now)
         row = rig.row(1)
         holds.append(None if row["next_attempt_at"] is None else row["next_attempt_at"] - now)
-        if n < core.INTERRUPTED_CAP:
+        if n < retries.INTERRUPTED_CAP:
             assert row["retry_count"] == 0
         if row["next_attempt_at"] is not None:
             # meanwhile the others are handed out
@@ -396,11 +397,11 @@ def test_the_no_selection_log_keeps_only_series_still_without_a_selection(rig: S
     for mal_id in range(100, 110):
         enqueue(rig.config.db_path, mal_id, "No Selection", [1], 3, None)
     rig.tick(10.0)
-    assert rig.d._no_selection_logged == set(range(100, 110))
+    assert rig.d.counts.no_selection_logged == set(range(100, 110))
     for mal_id in range(100, 110):
         enqueue(rig.config.db_path, mal_id, "No Selection", [1], 3, (1, "Found", "high"))
     rig.tick(20.0)
-    assert rig.d._no_selection_logged == set()
+    assert rig.d.counts.no_selection_logged == set()
 
 
 # --- opening a database a neighbour holds --------------------------------------------------

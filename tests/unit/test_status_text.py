@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from services.dispatcher.core import Dispatcher
+from services.dispatcher.effects import FileEffects
 from services.dispatcher.status_view import WORKER_STATES, build_status
 from services.dispatcher.store import SqlJobStore
 from services.enqueue import enqueue
@@ -191,7 +192,7 @@ def dispatcher(tmp_path: Path) -> Dispatcher:
     config = load_config(path)
     enqueue(config.db_path, 5114, "Show", [1, 2, 3], 3, (1, "Show (site)", "high"))
     enqueue(config.db_path, 9999, "No Selection", [1], 3, None)
-    d = Dispatcher(SqlJobStore(config.db_path), config, rng=random.Random(1))
+    d = Dispatcher(SqlJobStore(config.db_path), FileEffects(config), config, rng=random.Random(1))
     d.start(NOW)
     return d
 
@@ -207,7 +208,7 @@ def served(d: Dispatcher, now: float) -> dict:
     """The document as anime-status receives it (msgpack round trip), with no database."""
     store, d.store = d.store, NoStore()
     try:
-        return decode(encode(StatusReply(status=build_status(d, now)))).status
+        return decode(encode(StatusReply(status=build_status(d.snapshot(now))))).status
     finally:
         d.store = store
 
@@ -281,7 +282,7 @@ def test_the_document_has_the_documented_shape_and_worker_states(dispatcher: Dis
 def test_last_hour_counts_only_the_last_hour(dispatcher: Dispatcher) -> None:
     d = dispatcher
     for at, size in [(NOW - 4000, 1), (NOW - 3000, 100), (NOW - 10, 300)]:
-        d.landed_recent.append((at, size))
+        d.recent.landing(at, size)
     assert served(d, NOW)["last_hour"] == {"downloaded": 2, "bytes": 400, "average_size_bytes": 200}
 
 

@@ -1,0 +1,42 @@
+"""What the status shows of the recent past that the database does not keep for it:
+the landings of the last hour (time and size), the last title mismatches, and in a dry
+run how many jobs would have been downloaded. Bounded, so a long run keeps no more.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from services.dispatcher.store import ClaimedJob
+
+HOUR = 3600.0
+LANDINGS_KEPT = 10_000
+MISMATCHES_KEPT = 5
+
+
+class Recent:
+    def __init__(self) -> None:
+        self.landed: deque[tuple[float, int]] = deque(maxlen=LANDINGS_KEPT)
+        self.title_mismatches: deque[dict] = deque(maxlen=MISMATCHES_KEPT)
+        self.dry_run_done = 0
+
+    def landing(self, now: float, size: int) -> None:
+        self.landed.append((now, size))
+
+    def title_mismatch(self, job: ClaimedJob, site_title: str | None, now: float) -> None:
+        """An episode that landed although the site's title is not the selected one
+        (``[downloader] on_title_mismatch = "warn"``), newest first."""
+        self.title_mismatches.appendleft({
+            "id": job.id, "anime_id": job.anime_id, "anime_title": job.anime_title,
+            "episode": job.episode, "selected_title": job.selected_title,
+            "site_title": site_title, "at": now})
+
+    def last_hour(self, now: float) -> dict:
+        count = total = 0
+        for landed_at, size in reversed(self.landed):  # newest first: stop at the first old one
+            if landed_at < now - HOUR:
+                break
+            count += 1
+            total += size
+        return {"downloaded": count, "bytes": total,
+                "average_size_bytes": total // count if count else None}
