@@ -1,7 +1,16 @@
-"""Load and validate config.toml into frozen records (shared/record.py).
+"""Load and validate config.toml into frozen msgspec Structs.
 
-Every check names the file and the key, so a user sees one line such as
-``config.toml: [disk_management] pause_threshold_gb: must be below hard_limit_gb (300)``.
+The sections of the file are declared once, as typed Structs whose field names are
+the keys (``DiskConfig`` is ``[disk_management]``, ``DownloaderConfig`` is
+``[downloader]``...), with the allowed values in the types (``Positive``, ``Count``,
+``Literal``) and ``forbid_unknown_fields``: msgspec checks the whole parsed file in
+one ``msgspec.convert``. Its error is turned into one line that names the file and
+the key, such as
+``config.toml: [disk_management] pause_threshold_gb: must be below hard_limit_gb (300)``;
+the wording of each rule is derived from the field's type (``_rule``), so a new key
+needs no message of its own. Checks across keys (thresholds, lease and heartbeat,
+endpoints) follow in ``parse_config``.
+
 Relative paths are resolved against the directory of the config file, so the
 system behaves the same whatever supervisord's working directory is.
 GB means 10**9 bytes, MB 10**6.
@@ -9,57 +18,55 @@ GB means 10**9 bytes, MB 10**6.
 
 from __future__ import annotations
 
+import re
 import tomllib
+import types
+import typing
 from pathlib import Path
-from typing import Any, Callable
+from typing import Annotated, Any, Literal
 
-from shared.record import Factory, Record
+import msgspec
 
 GB = 10**9
 MB = 10**6
 IPC_PATH_MAX = 107  # sun_path is 108 bytes on Linux, one for the NUL
+
+# The allowed values, as types: msgspec checks them, _rule words them.
+Positive = Annotated[float, msgspec.Meta(gt=0)]
+NonNegative = Annotated[float, msgspec.Meta(ge=0)]
+Count = Annotated[int, msgspec.Meta(ge=1)]
+Text = Annotated[str, msgspec.Meta(pattern=r"\S")]  # not empty, not only blanks
 
 
 class ConfigError(Exception):
     """A config file that cannot be used; the message is the whole user-facing line."""
 
 
-class CurveConfig(Record):
-    """ZeroMQ CURVE keys; required for any endpoint reachable from another host."""
-
-    server_secret_key: Path | None = None  # dispatcher / disk-watcher side (.key_secret)
-    authorized_keys_dir: Path | None = None  # directory of client .key files
-    client_secret_key: Path | None = None  # worker / probe side
-    server_public_key: Path | None = None  # the server's .key the clients trust
-
-    @property
-    def server_enabled(self) -> bool:
-        return self.server_secret_key is not None
-
-    @property
-    def client_enabled(self) -> bool:
-        return self.client_secret_key is not None
+class Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A table of config.toml: an unknown key in it is an error, not ignored."""
 
 
-class ZmqConfig(Record):
-    dispatcher: str  # ROUTER, bound by the dispatcher; workers connect
-    status: str  # ROUTER, bound by the dispatcher; anime-status connects
-    disk_state: str  # XPUB, bound by the disk-watcher
-    disk_control: str  # PULL, bound by the disk-watcher (re-measure requests)
-    curve: CurveConfig = Factory(CurveConfig)
+# --- the file's sections (also what the services read) ------------------------
 
+class CleanupConfig(Section):
+    """[disk_management.cleanup]: read by the transcriber, kept here so it is checked."""
 
-class DiskConfig(Record):
-    hard_limit_gb: float
-    pause_threshold_gb: float
-    resume_threshold_gb: float
-    check_interval_seconds: float = 30.0
-    cache_duration_seconds: float = 5.0
-    max_concurrent_downloads: int = 5
-    min_free_gb: float = 5.0
-    expected_episode_size_mb: float = 500.0
     delete_video_after_transcription: bool = True
     delete_audio_after_transcription: bool = True
+
+
+class DiskConfig(Section):
+    """[disk_management]"""
+
+    hard_limit_gb: Positive
+    pause_threshold_gb: Positive
+    resume_threshold_gb: NonNegative
+    check_interval_seconds: Positive = 30.0
+    cache_duration_seconds: NonNegative = 5.0
+    max_concurrent_downloads: Count = 5
+    min_free_gb: NonNegative = 5.0
+    expected_episode_size_mb: Positive = 500.0
+    cleanup: CleanupConfig = msgspec.field(default_factory=CleanupConfig)
 
     @property
     def hard_limit_bytes(self) -> int:
@@ -82,27 +89,101 @@ class DiskConfig(Record):
         return int(self.expected_episode_size_mb * MB)
 
 
-class DownloaderConfig(Record):
-    command: str = "ani-cli"
+class DownloaderConfig(Section):
+    """[downloader]"""
+
+    command: Text = "ani-cli"
     extra_args: tuple[str, ...] = ()
-    timeout_seconds: float = 3600.0
-    retry_backoff_seconds: float = 60.0
-    retry_backoff_max_seconds: float = 3600.0
-    container: str = "mkv"  # "mkv": remux losslessly into Matroska; "keep": as downloaded
-    total_bandwidth_mbps: float = 0.0  # 0 = unlimited; shared across active workers
+    timeout_seconds: Positive = 3600.0
+    retry_backoff_seconds: NonNegative = 60.0
+    retry_backoff_max_seconds: NonNegative = 3600.0
+    # "mkv": remux losslessly into Matroska; "keep": as downloaded
+    container: Literal["mkv", "keep"] = "mkv"
+    total_bandwidth_mbps: NonNegative = 0.0  # 0 = unlimited; shared across active workers
     verify: bool = True  # check with ffprobe/ffmpeg that the file is a playable video
-    on_title_mismatch: str = "warn"  # the site's title is not selected_title: warn, fail, ignore
+    # the site's title is not selected_title: warn, fail, ignore
+    on_title_mismatch: Literal["warn", "fail", "ignore"] = "warn"
     # Checking (and remuxing) a file may take this long per GB, never less: a time-out is
     # no proof of a bad file (a slow NFS mount), so it is a retry that keeps the file.
-    verify_timeout_seconds: float = 120.0
+    verify_timeout_seconds: Positive = 120.0
 
 
-class QueueConfig(Record):
-    lease_seconds: float = 30.0  # a worker silent this long loses its job
-    heartbeat_seconds: float = 2.0  # how often workers report progress
+class QueueConfig(Section):
+    """[queue]"""
+
+    lease_seconds: Positive = 30.0  # a worker silent this long loses its job
+    heartbeat_seconds: Positive = 2.0  # how often workers report progress
 
 
-class Config(Record):
+class _Data(Section):
+    root_dir: Text
+    storage_dir: Text
+    # A missing storage_dir is created at start (the old behaviour); by default it is
+    # refused: it is most likely the mount point of a disk that is not mounted.
+    create_storage_dir: bool = False
+
+
+class _CurveFile(Section):
+    server_secret_key: Text | None = None
+    authorized_keys_dir: Text | None = None
+    client_secret_key: Text | None = None
+    server_public_key: Text | None = None
+
+
+DEFAULT_ENDPOINTS = {
+    "dispatcher": "dispatcher.sock",
+    "status": "status.sock",
+    "disk_state": "disk-state.sock",
+    "disk_control": "disk-control.sock",
+}
+
+
+class _ZmqFile(Section):
+    dispatcher: Text | None = None  # None: ipc:// in run/ (DEFAULT_ENDPOINTS)
+    status: Text | None = None
+    disk_state: Text | None = None
+    disk_control: Text | None = None
+    curve: _CurveFile = msgspec.field(default_factory=_CurveFile)
+
+
+class _File(Section):
+    """config.toml as written, every table checked."""
+
+    data: _Data
+    disk_management: DiskConfig
+    downloader: DownloaderConfig = msgspec.field(default_factory=DownloaderConfig)
+    queue: QueueConfig = msgspec.field(default_factory=QueueConfig)
+    zmq: _ZmqFile = msgspec.field(default_factory=_ZmqFile)
+
+
+# --- what the file resolves to --------------------------------------------------
+
+class CurveConfig(msgspec.Struct, frozen=True):
+    """ZeroMQ CURVE keys; required for any endpoint reachable from another host."""
+
+    server_secret_key: Path | None = None  # dispatcher / disk-watcher side (.key_secret)
+    authorized_keys_dir: Path | None = None  # directory of client .key files
+    client_secret_key: Path | None = None  # worker / probe side
+    server_public_key: Path | None = None  # the server's .key the clients trust
+
+    @property
+    def server_enabled(self) -> bool:
+        return self.server_secret_key is not None
+
+    @property
+    def client_enabled(self) -> bool:
+        return self.client_secret_key is not None
+
+
+class ZmqConfig(msgspec.Struct, frozen=True):
+    dispatcher: str  # ROUTER, bound by the dispatcher; workers connect
+    status: str  # ROUTER, bound by the dispatcher; anime-status connects
+    disk_state: str  # XPUB, bound by the disk-watcher
+    disk_control: str  # PULL, bound by the disk-watcher (re-measure requests)
+    curve: CurveConfig = msgspec.field(default_factory=CurveConfig)
+
+
+class Config(msgspec.Struct, frozen=True):
     path: Path
     root_dir: Path
     storage_dir: Path
@@ -110,9 +191,7 @@ class Config(Record):
     downloader: DownloaderConfig
     queue: QueueConfig
     zmq: ZmqConfig
-    # A missing storage_dir is created at start (the old behaviour); by default it is
-    # refused: it is most likely the mount point of a disk that is not mounted.
-    create_storage_dir: bool = False
+    create_storage_dir: bool = False  # [data] create_storage_dir
 
     @property
     def db_path(self) -> Path:
@@ -127,162 +206,109 @@ class Config(Record):
         return self.root_dir / "logs"
 
 
-# --- schema -----------------------------------------------------------------
+# --- msgspec's error as one line naming the file and the key ----------------------
 
-Check = Callable[[Any], str | None]  # returns an error text or None
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+_AT = re.compile(r" - at `\$(?P<path>[^`]*)`$")
+_FIELD = re.compile(r"^Object (?P<what>contains unknown|missing required) field `(?P<name>[^`]*)`")
 
 
-def _positive(value: Any) -> str | None:
-    if not _number(value):
-        return f"must be a number, got {value!r}"
-    return None if value > 0 else f"must be greater than 0, got {value!r}"
+def _is_section(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, Section)
 
 
-def _non_negative(value: Any) -> str | None:
-    if not _number(value):
-        return f"must be a number, got {value!r}"
-    return None if value >= 0 else f"must be 0 or more, got {value!r}"
+def _field_types(cls: type[Section]) -> dict[str, Any]:
+    return {f.name: f.type for f in msgspec.structs.fields(cls)}
 
 
-def _positive_int(value: Any) -> str | None:
-    if not isinstance(value, int) or isinstance(value, bool):
-        return f"must be a whole number, got {value!r}"
-    return None if value >= 1 else f"must be at least 1, got {value!r}"
-
-
-def _string(value: Any) -> str | None:
-    if not isinstance(value, str):
-        return f"must be a string, got {value!r}"
-    return None if value.strip() else "must not be empty"
-
-
-def _bool(value: Any) -> str | None:
-    return None if isinstance(value, bool) else f"must be true or false, got {value!r}"
-
-
-def _string_list(value: Any) -> str | None:
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return None
-    return f"must be a list of strings, got {value!r}"
-
-
-def _one_of(*choices: str) -> Check:
-    def check(value: Any) -> str | None:
-        if value in choices:
-            return None
-        return f"must be one of {', '.join(repr(c) for c in choices)}, got {value!r}"
-
-    return check
-
-
-REQUIRED = object()
-
-SCHEMA: dict[str, dict[str, tuple[Check, Any]]] = {
-    "data": {
-        "root_dir": (_string, REQUIRED),
-        "storage_dir": (_string, REQUIRED),
-        "create_storage_dir": (_bool, False),
-    },
-    "disk_management": {
-        "hard_limit_gb": (_positive, REQUIRED),
-        "pause_threshold_gb": (_positive, REQUIRED),
-        "resume_threshold_gb": (_non_negative, REQUIRED),
-        "check_interval_seconds": (_positive, 30.0),
-        "cache_duration_seconds": (_non_negative, 5.0),
-        "max_concurrent_downloads": (_positive_int, 5),
-        "min_free_gb": (_non_negative, 5.0),
-        "expected_episode_size_mb": (_positive, 500.0),
-    },
-    "disk_management.cleanup": {
-        "delete_video_after_transcription": (_bool, True),
-        "delete_audio_after_transcription": (_bool, True),
-    },
-    "downloader": {
-        "command": (_string, "ani-cli"),
-        "extra_args": (_string_list, []),
-        "timeout_seconds": (_positive, 3600.0),
-        "retry_backoff_seconds": (_non_negative, 60.0),
-        "retry_backoff_max_seconds": (_non_negative, 3600.0),
-        "container": (_one_of("mkv", "keep"), "mkv"),
-        "total_bandwidth_mbps": (_non_negative, 0.0),
-        "verify": (_bool, True),
-        "on_title_mismatch": (_one_of("warn", "fail", "ignore"), "warn"),
-        "verify_timeout_seconds": (_positive, 120.0),
-    },
-    "queue": {
-        "lease_seconds": (_positive, 30.0),
-        "heartbeat_seconds": (_positive, 2.0),
-    },
-    "zmq": {
-        "dispatcher": (_string, None),
-        "status": (_string, None),
-        "disk_state": (_string, None),
-        "disk_control": (_string, None),
-    },
-    "zmq.curve": {
-        "server_secret_key": (_string, None),
-        "authorized_keys_dir": (_string, None),
-        "client_secret_key": (_string, None),
-        "server_public_key": (_string, None),
-    },
-}
-
-DEFAULT_ENDPOINTS = {
-    "dispatcher": "dispatcher.sock",
-    "status": "status.sock",
-    "disk_state": "disk-state.sock",
-    "disk_control": "disk-control.sock",
-}
+def _rule(annotation: Any, value: Any) -> str:
+    """What a key of this type must be, in the words of the error line."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):  # Text | None
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    meta: Any = None
+    if typing.get_origin(annotation) is Annotated:
+        annotation, meta = typing.get_args(annotation)[:2]
+    got = f", got {value!r}"
+    if typing.get_origin(annotation) is Literal:
+        return f"must be one of {', '.join(repr(c) for c in typing.get_args(annotation))}{got}"
+    if annotation is bool:
+        return f"must be true or false{got}"
+    if annotation is int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            return f"must be a whole number{got}"
+        return f"must be at least {meta.ge}{got}"
+    if annotation is float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return f"must be a number{got}"
+        if meta.gt is not None:
+            return f"must be greater than {meta.gt:g}{got}"
+        return f"must be {meta.ge:g} or more{got}"
+    if annotation is str:
+        return "must not be empty" if isinstance(value, str) else f"must be a string{got}"
+    return f"must be a list of strings{got}"  # tuple[str, ...]
 
 
 class _Reader:
-    """Walks the parsed TOML against SCHEMA, raising ConfigError with file + key."""
+    """The file as checked by msgspec; ``fail`` words an error about one of its keys."""
 
     def __init__(self, path: Path, raw: dict[str, Any]) -> None:
         self.path = path
         self.raw = raw
+        try:
+            self.file = msgspec.convert(raw, _File)
+        except msgspec.ValidationError as exc:
+            raise self._explain(str(exc)) from None
 
     def fail(self, section: str, key: str | None, text: str) -> ConfigError:
         where = f"[{section}] {key}" if key else f"[{section}]"
         return ConfigError(f"{self.path}: {where}: {text}")
 
-    def table(self, section: str) -> dict[str, Any]:
-        node: Any = self.raw
-        for part in section.split("."):
-            node = node.get(part, {}) if isinstance(node, dict) else None
-            if not isinstance(node, dict):
-                raise self.fail(section, None, "must be a table")
-        return node
+    def section(self, name: str) -> dict[str, Any]:
+        """One table's values by key, defaults filled in ("zmq.curve" for a subtable)."""
+        node: Any = self.file
+        for part in name.split("."):
+            node = getattr(node, part)
+        return msgspec.structs.asdict(node)
 
-    def check_unknown(self) -> None:
-        sections = {s.split(".")[0] for s in SCHEMA}
-        for name in self.raw:
-            if name not in sections:
-                raise ConfigError(f"{self.path}: [{name}]: unknown section")
-        for section, keys in SCHEMA.items():
-            subtables = {s.split(".", 1)[1] for s in SCHEMA if s.startswith(section + ".")}
-            for key in self.table(section):
-                if key not in keys and key not in {t.split(".")[0] for t in subtables}:
-                    raise self.fail(section, key, "unknown key")
+    def _explain(self, text: str) -> ConfigError:
+        """Turn msgspec's ``Expected `float`, got `str` - at `$.queue.lease_seconds```
+        into this project's line. msgspec's wording is read for the path and the field
+        name only; tests/unit/test_config.py pins every kind of error."""
+        at, field = _AT.search(text), _FIELD.match(text)
+        names = re.findall(r"\.([^.\[\]]+)", at.group("path")) if at else []
+        cls: type[Section] = _File
+        section: list[str] = []
+        key = None
+        for name in names:  # the tables down to the key; "[1]" of a list is skipped
+            annotation = _field_types(cls).get(name)
+            if not _is_section(annotation):
+                key = name
+                break
+            section.append(name)
+            cls = annotation
+        if field and key is None:
+            return self._field_error(cls, section, field.group("what"), field.group("name"))
+        if section and key is None:
+            return self.fail(".".join(section), None, "must be a table")
+        if section and key is not None:
+            value: Any = self.raw
+            for part in (*section, key):
+                value = value[part]
+            return self.fail(".".join(section), key, _rule(_field_types(cls)[key], value))
+        return ConfigError(f"{self.path}: {text}")  # not expected: msgspec's own words
 
-    def section(self, section: str) -> dict[str, Any]:
-        table = self.table(section)
-        values: dict[str, Any] = {}
-        for key, (check, default) in SCHEMA[section].items():
-            if key not in table:
-                if default is REQUIRED:
-                    raise self.fail(section, key, "missing (required)")
-                values[key] = default
-                continue
-            error = check(table[key])
-            if error:
-                raise self.fail(section, key, error)
-            values[key] = table[key]
-        return values
+    def _field_error(self, cls: type[Section], section: list[str], what: str,
+                     name: str) -> ConfigError:
+        if what == "contains unknown":
+            if not section:
+                return ConfigError(f"{self.path}: [{name}]: unknown section")
+            return self.fail(".".join(section), name, "unknown key")
+        annotation = _field_types(cls)[name]
+        if _is_section(annotation):  # a required table left out: name its first key
+            first = next(f.name for f in msgspec.structs.fields(annotation) if f.required)
+            return self.fail(".".join((*section, name)), first, "missing (required)")
+        return self.fail(".".join(section) or name, name, "missing (required)")
+
+
 
 
 def _resolve(base: Path, value: str | None) -> Path | None:
@@ -310,45 +336,40 @@ def _endpoint(reader: _Reader, base: Path, run_dir: Path, key: str, value: str |
     return value
 
 
-def _check_thresholds(reader: _Reader, disk: dict[str, Any]) -> None:
-    hard, pause, resume = disk["hard_limit_gb"], disk["pause_threshold_gb"], disk["resume_threshold_gb"]
+def _check_across_keys(reader: _Reader) -> None:
+    disk, queue = reader.file.disk_management, reader.file.queue
+    hard, pause, resume = disk.hard_limit_gb, disk.pause_threshold_gb, disk.resume_threshold_gb
     if pause >= hard:
         raise reader.fail("disk_management", "pause_threshold_gb",
                           f"must be below hard_limit_gb ({hard:g})")
     if resume >= pause:
         raise reader.fail("disk_management", "resume_threshold_gb",
                           f"must be below pause_threshold_gb ({pause:g})")
+    if queue.heartbeat_seconds * 2 > queue.lease_seconds:
+        raise reader.fail("queue", "heartbeat_seconds",
+                          f"must be at most half of lease_seconds ({queue.lease_seconds:g})")
 
 
 def parse_config(path: Path, raw: dict[str, Any]) -> Config:
+    """``raw`` as tomllib parses it; raises ConfigError with a one-line message."""
     reader = _Reader(path, raw)
-    reader.check_unknown()
-    base = path.resolve().parent
-    data = reader.section("data")
-    disk = reader.section("disk_management")
-    _check_thresholds(reader, disk)
-    cleanup = reader.section("disk_management.cleanup")
-    downloader = reader.section("downloader")
-    queue = reader.section("queue")
-    if queue["heartbeat_seconds"] * 2 > queue["lease_seconds"]:
-        raise reader.fail("queue", "heartbeat_seconds",
-                          f"must be at most half of lease_seconds ({queue['lease_seconds']:g})")
-    root = _resolve(base, data["root_dir"])
+    _check_across_keys(reader)
+    file, base = reader.file, path.resolve().parent
+    root = _resolve(base, file.data.root_dir)
     assert root is not None
-    zmq_raw = reader.section("zmq")
     run_dir = root / "run"
-    endpoints = {k: _endpoint(reader, base, run_dir, k, v) for k, v in zmq_raw.items()}
-    curve_raw = reader.section("zmq.curve")
-    curve = CurveConfig(**{k: _resolve(base, v) for k, v in curve_raw.items()})
+    endpoints = {k: _endpoint(reader, base, run_dir, k, v)
+                 for k, v in reader.section("zmq").items() if k != "curve"}
+    curve = CurveConfig(**{k: _resolve(base, v) for k, v in reader.section("zmq.curve").items()})
     return Config(
         path=path,
         root_dir=root,
-        storage_dir=_resolve(base, data["storage_dir"]),  # type: ignore[arg-type]
-        disk=DiskConfig(**disk, **cleanup),
-        downloader=DownloaderConfig(**{**downloader, "extra_args": tuple(downloader["extra_args"])}),
-        queue=QueueConfig(**queue),
+        storage_dir=_resolve(base, file.data.storage_dir),  # type: ignore[arg-type]
+        disk=file.disk_management,
+        downloader=file.downloader,
+        queue=file.queue,
         zmq=ZmqConfig(**endpoints, curve=curve),
-        create_storage_dir=data["create_storage_dir"],
+        create_storage_dir=file.data.create_storage_dir,
     )
 
 
