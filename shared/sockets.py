@@ -311,7 +311,7 @@ class Sockets:
                 self._watch(sock, key, server=True)
             _prepare_ipc(endpoint, self.config.run_dir)
             sock.bind(endpoint)
-        log.debug("bound endpoint=%s key=%s", endpoint, key)
+        log.debug(kv("bound", endpoint=endpoint, key=key))
         return sock
 
     def _watch(self, sock: zmq.Socket, key: str, server: bool) -> None:
