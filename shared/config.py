@@ -4,12 +4,11 @@ The sections of the file are declared once, as typed Structs whose field names a
 the keys (``DiskConfig`` is ``[disk_management]``, ``DownloaderConfig`` is
 ``[downloader]``...), with the allowed values in the types (``Positive``, ``Count``,
 ``Literal``) and ``forbid_unknown_fields``: msgspec checks the whole parsed file in
-one ``msgspec.convert``. Its error is turned into one line that names the file and
-the key, such as
-``config.toml: [disk_management] pause_threshold_gb: must be below hard_limit_gb (300)``;
-the wording of each rule is derived from the field's type (``_rule``), so a new key
-needs no message of its own. Checks across keys (thresholds, lease and heartbeat,
-endpoints) follow in ``parse_config``.
+one ``msgspec.convert``. Its error becomes one line that names the file and the key
+(shared/config_errors.py), such as
+``config.toml: [disk_management] pause_threshold_gb: must be below hard_limit_gb (300)``.
+Checks across keys (thresholds, lease and heartbeat, endpoints) follow in
+``parse_config``.
 
 Relative paths are resolved against the directory of the config file, so the
 system behaves the same whatever supervisord's working directory is.
@@ -18,28 +17,23 @@ GB means 10**9 bytes, MB 10**6.
 
 from __future__ import annotations
 
-import re
 import tomllib
-import types
-import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import msgspec
 
+from shared.config_errors import ConfigError, explain, where
+
 GB = 10**9
 MB = 10**6
 IPC_PATH_MAX = 107  # sun_path is 108 bytes on Linux, one for the NUL
 
-# The allowed values, as types: msgspec checks them, _rule words them.
+# The allowed values, as types: msgspec checks them, config_errors words them.
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 NonNegative = Annotated[float, msgspec.Meta(ge=0)]
 Count = Annotated[int, msgspec.Meta(ge=1)]
 Text = Annotated[str, msgspec.Meta(pattern=r"\S")]  # not empty, not only blanks
-
-
-class ConfigError(Exception):
-    """A config file that cannot be used; the message is the whole user-facing line."""
 
 
 class Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -206,47 +200,6 @@ class Config(msgspec.Struct, frozen=True):
         return self.root_dir / "logs"
 
 
-# --- msgspec's error as one line naming the file and the key ----------------------
-
-_AT = re.compile(r" - at `\$(?P<path>[^`]*)`$")
-_FIELD = re.compile(r"^Object (?P<what>contains unknown|missing required) field `(?P<name>[^`]*)`")
-
-
-def _is_section(annotation: Any) -> bool:
-    return isinstance(annotation, type) and issubclass(annotation, Section)
-
-
-def _field_types(cls: type[Section]) -> dict[str, Any]:
-    return {f.name: f.type for f in msgspec.structs.fields(cls)}
-
-
-def _rule(annotation: Any, value: Any) -> str:
-    """What a key of this type must be, in the words of the error line."""
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):  # Text | None
-        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
-    meta: Any = None
-    if typing.get_origin(annotation) is Annotated:
-        annotation, meta = typing.get_args(annotation)[:2]
-    got = f", got {value!r}"
-    if typing.get_origin(annotation) is Literal:
-        return f"must be one of {', '.join(repr(c) for c in typing.get_args(annotation))}{got}"
-    if annotation is bool:
-        return f"must be true or false{got}"
-    if annotation is int:
-        if not isinstance(value, int) or isinstance(value, bool):
-            return f"must be a whole number{got}"
-        return f"must be at least {meta.ge}{got}"
-    if annotation is float:
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            return f"must be a number{got}"
-        if meta.gt is not None:
-            return f"must be greater than {meta.gt:g}{got}"
-        return f"must be {meta.ge:g} or more{got}"
-    if annotation is str:
-        return "must not be empty" if isinstance(value, str) else f"must be a string{got}"
-    return f"must be a list of strings{got}"  # tuple[str, ...]
-
-
 class _Reader:
     """The file as checked by msgspec; ``fail`` words an error about one of its keys."""
 
@@ -256,11 +209,10 @@ class _Reader:
         try:
             self.file = msgspec.convert(raw, _File)
         except msgspec.ValidationError as exc:
-            raise self._explain(str(exc)) from None
+            raise ConfigError(f"{path}: {explain(str(exc), raw, _File)}") from None
 
     def fail(self, section: str, key: str | None, text: str) -> ConfigError:
-        where = f"[{section}] {key}" if key else f"[{section}]"
-        return ConfigError(f"{self.path}: {where}: {text}")
+        return ConfigError(f"{self.path}: {where(section, key)}: {text}")
 
     def section(self, name: str) -> dict[str, Any]:
         """One table's values by key, defaults filled in ("zmq.curve" for a subtable)."""
@@ -268,47 +220,6 @@ class _Reader:
         for part in name.split("."):
             node = getattr(node, part)
         return msgspec.structs.asdict(node)
-
-    def _explain(self, text: str) -> ConfigError:
-        """Turn msgspec's ``Expected `float`, got `str` - at `$.queue.lease_seconds```
-        into this project's line. msgspec's wording is read for the path and the field
-        name only; tests/unit/test_config.py pins every kind of error."""
-        at, field = _AT.search(text), _FIELD.match(text)
-        names = re.findall(r"\.([^.\[\]]+)", at.group("path")) if at else []
-        cls: type[Section] = _File
-        section: list[str] = []
-        key = None
-        for name in names:  # the tables down to the key; "[1]" of a list is skipped
-            annotation = _field_types(cls).get(name)
-            if not _is_section(annotation):
-                key = name
-                break
-            section.append(name)
-            cls = annotation
-        if field and key is None:
-            return self._field_error(cls, section, field.group("what"), field.group("name"))
-        if section and key is None:
-            return self.fail(".".join(section), None, "must be a table")
-        if section and key is not None:
-            value: Any = self.raw
-            for part in (*section, key):
-                value = value[part]
-            return self.fail(".".join(section), key, _rule(_field_types(cls)[key], value))
-        return ConfigError(f"{self.path}: {text}")  # not expected: msgspec's own words
-
-    def _field_error(self, cls: type[Section], section: list[str], what: str,
-                     name: str) -> ConfigError:
-        if what == "contains unknown":
-            if not section:
-                return ConfigError(f"{self.path}: [{name}]: unknown section")
-            return self.fail(".".join(section), name, "unknown key")
-        annotation = _field_types(cls)[name]
-        if _is_section(annotation):  # a required table left out: name its first key
-            first = next(f.name for f in msgspec.structs.fields(annotation) if f.required)
-            return self.fail(".".join((*section, name)), first, "missing (required)")
-        return self.fail(".".join(section) or name, name, "missing (required)")
-
-
 
 
 def _resolve(base: Path, value: str | None) -> Path | None:
