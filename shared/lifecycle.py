@@ -23,24 +23,40 @@ import time
 from typing import Callable, Protocol
 
 DEBUG_ENV = "ANIME_DOWNLOADER_DEBUG"
-_NEEDS_QUOTES = re.compile(r"[\s\"'=]")
+# A logfmt value is written bare unless it is empty or holds a space, '=', '"', a
+# backslash or a character that is not printable (control characters, line and
+# paragraph separators, other spaces): then it is quoted, with JSON's escapes.
+_BARE = re.compile(r'[^\s="\\]+')
+_ESCAPE = re.compile(r'[^\x20-\x7e]')
 
 
 def kv(message: str, **context: object) -> str:
-    """``message key=value ...``; values with spaces are quoted (repr), lists are JSON
-    (an argument list reads exactly as the program receives it)."""
+    r"""``message key=value ...`` in logfmt, as grep, lnav and Loki's logfmt parser read it.
+
+    A value that needs it is double-quoted with backslash escapes (``\"``, ``\\``,
+    ``\n``, ``\uXXXX`` for what is not printable); lists and tuples are JSON (an
+    argument list reads exactly as the program receives it), quoted like any other
+    value. None values are left out."""
     parts = [message]
     for key, value in context.items():
         if value is None:
             continue
         if isinstance(value, (list, tuple)):
-            parts.append(f"{key}={json.dumps(list(value), ensure_ascii=False)}")
-            continue
-        text = str(value)
-        if not text or _NEEDS_QUOTES.search(text):
-            text = repr(text)
-        parts.append(f"{key}={text}")
+            text = json.dumps(list(value), ensure_ascii=False)
+        else:
+            text = str(value)
+        parts.append(f"{key}={logfmt_value(text)}")
     return " ".join(parts)
+
+
+def logfmt_value(text: str) -> str:
+    if _BARE.fullmatch(text) and text.isprintable():
+        return text
+    quoted = json.dumps(text, ensure_ascii=False)  # " \ and control characters escaped
+    if quoted.isprintable():
+        return quoted
+    return _ESCAPE.sub(lambda m: m.group() if m.group().isprintable() else
+                       json.dumps(m.group())[1:-1], quoted)
 
 
 class _UTCFormatter(logging.Formatter):

@@ -4,7 +4,9 @@ A message travels as two frames, ``[kind, body]``: the kind as ASCII bytes (so a
 SUB prefix filter works) and the body a msgpack map carrying ``v`` (the protocol
 version) and the message's fields. ``decode`` checks the kind, the version and
 every field's type and raises ``ProtocolError`` for anything else; callers log
-and drop such frames. This is the only module that imports msgpack.
+and drop such frames. The messages are msgspec Structs: typed, frozen, and encoded
+and validated by msgspec's msgpack codec in C. This is the only module that knows
+the wire format.
 
 Conversation between a worker (DEALER) and the dispatcher (ROUTER)::
 
@@ -39,9 +41,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import msgpack
-
-from shared.record import Factory, Record
+import msgspec
 
 VERSION = 1
 MAX_MESSAGE_BYTES = 256 * 1024  # also ZMQ_MAXMSGSIZE (+1 KiB) on every bound socket
@@ -66,53 +66,33 @@ class ProtocolError(ValueError):
     """A frame that is not a valid message of this protocol."""
 
 
-class Message(Record):
-    """Base of all messages; subclasses declare KIND and typed fields."""
+class Message(msgspec.Struct, frozen=True, tag_field="v", tag=VERSION):
+    """Base of all messages; subclasses declare KIND (with @message) and typed fields.
+
+    The version travels as msgspec's tag field: the encoder writes ``v`` into every
+    body, and a decoder refuses a body whose ``v`` is another. Fields unknown to this
+    version are skipped, not refused (no ``forbid_unknown_fields``): a newer peer may
+    add optional fields, and mixed versions keep talking.
+    """
 
     KIND: ClassVar[str] = ""
 
+    def as_dict(self) -> dict[str, Any]:
+        """The fields as a new dict (shallow: values are not copied)."""
+        return msgspec.structs.asdict(self)
 
-_TYPE_NAMES = {"int": int, "str": str, "float": float, "bool": bool, "dict": dict,
-               "list": list, "None": type(None)}
 
+class _Envelope(msgspec.Struct):
+    """What every body must carry whatever its kind: msgspec takes a missing tag for
+    the expected one, so a body without ``v`` is caught here."""
 
-def _allowed_types(annotation: str) -> tuple[type, ...]:
-    # Annotations are strings (from __future__ import annotations): "float | None".
-    return tuple(_TYPE_NAMES[part.strip()] for part in str(annotation).split("|"))
+    v: int
 
 
 _REGISTRY: dict[str, type[Message]] = {}
-
-
-class FieldRule:
-    """One field of a message, read once from its annotation (a string such as
-    "float | None"): the types it accepts and whether a message must carry it."""
-
-    __slots__ = ("name", "types", "nullable", "required")
-
-    def __init__(self, name: str, annotation: str, required: bool) -> None:
-        allowed = _allowed_types(annotation)
-        self.name = name
-        self.types = tuple(t for t in allowed if t is not type(None))
-        self.nullable = type(None) in allowed
-        self.required = required
-
-    def check(self, kind: str, value: Any) -> None:
-        if value is None and self.nullable:
-            return
-        if isinstance(value, bool) and bool not in self.types:
-            raise ProtocolError(f"field {kind}.{self.name}: expected {self.spelled()}, got bool")
-        if float in self.types and isinstance(value, int):
-            return
-        if not isinstance(value, self.types):
-            raise ProtocolError(f"field {kind}.{self.name}: expected {self.spelled()}, "
-                                f"got {type(value).__name__}")
-
-    def spelled(self) -> str:
-        return " | ".join([t.__name__ for t in self.types] + (["None"] if self.nullable else []))
-
-
-_RULES: dict[type[Message], tuple[FieldRule, ...]] = {}
+_DECODERS: dict[str, msgspec.msgpack.Decoder] = {}  # made on first use: a CLI decodes one kind
+_ENVELOPE = msgspec.msgpack.Decoder(_Envelope)
+_ENCODER = msgspec.msgpack.Encoder()
 
 
 def message(kind: str):
@@ -123,8 +103,6 @@ def message(kind: str):
         if kind in _REGISTRY:
             raise RuntimeError(f"duplicate message kind {kind}")
         _REGISTRY[kind] = cls
-        _RULES[cls] = tuple(FieldRule(name, annotation, name not in cls._field_defaults)
-                            for name, annotation in cls._field_types.items())
         return cls
 
     return register
@@ -243,7 +221,7 @@ class JobFailed(Message):
     attempt: int
     reason: str
     error: str
-    argv: list = Factory(list)  # dry run: the command it would have run
+    argv: list[str] = []  # dry run: the command it would have run (a fresh list each)
 
 
 @message("job.ack")
@@ -268,7 +246,7 @@ class DiskStateMsg(Message):
     seq: int
     state: str  # running | paused | hard_limit | unavailable
     usage_bytes: int
-    breakdown: dict
+    breakdown: dict[str, int]  # bytes per part of the storage (README: disk.breakdown)
     free_bytes: int
     pause_threshold_bytes: int
     resume_threshold_bytes: int
@@ -305,7 +283,7 @@ class StatusRequest(Message):
 
 @message("status.reply")
 class StatusReply(Message):
-    status: dict
+    status: dict[str, Any]  # the document of anime-status --json
 
 
 def kinds() -> list[str]:
@@ -317,13 +295,13 @@ def message_class(kind: str) -> type[Message]:
 
 
 def encode(msg: Message) -> list[bytes]:
-    body = msg.as_dict()
-    body["v"] = VERSION
-    return [msg.KIND.encode("ascii"), msgpack.packb(body, use_bin_type=True)]
+    return [msg.KIND.encode("ascii"), _ENCODER.encode(msg)]
 
 
 def decode(frames: list[bytes]) -> Message:
-    """Turn ``[kind, body]`` into its Message; raise ProtocolError on anything else."""
+    """Turn ``[kind, body]`` into its Message; raise ProtocolError on anything else:
+    a wrong type anywhere in the body (``list[str]`` items included), a missing field,
+    another version."""
     if len(frames) != 2:
         raise ProtocolError(f"expected 2 frames, got {len(frames)}")
     raw_kind, raw_body = frames
@@ -337,24 +315,18 @@ def decode(frames: list[bytes]) -> Message:
     if cls is None:
         raise ProtocolError(f"unknown kind {kind[:40]!r}")
     try:
-        body = msgpack.unpackb(raw_body, raw=False, strict_map_key=True)
-    except Exception as exc:  # msgpack raises several unrelated types
+        version = _ENVELOPE.decode(raw_body).v
+        if version != VERSION:
+            raise ProtocolError(f"{kind}: unsupported protocol version {version}")
+        return _decoder(kind, cls).decode(raw_body)
+    except msgspec.ValidationError as exc:
+        raise ProtocolError(f"{kind}: {exc}") from None
+    except msgspec.DecodeError as exc:
         raise ProtocolError(f"{kind}: body is not msgpack: {exc}") from None
-    if not isinstance(body, dict):
-        raise ProtocolError(f"{kind}: body is not a map")
-    if body.pop("v", None) != VERSION:
-        raise ProtocolError(f"{kind}: unsupported protocol version")
-    return _build(cls, kind, body)
 
 
-def _build(cls: type[Message], kind: str, body: dict) -> Message:
-    values = {}
-    for rule in _RULES[cls]:
-        if rule.name in body:
-            value = body[rule.name]
-            rule.check(kind, value)
-            values[rule.name] = value
-        elif rule.required:
-            raise ProtocolError(f"{kind}: missing field {rule.name}")
-    # Unknown extra fields are ignored: a newer peer may add optional fields.
-    return cls(**values)
+def _decoder(kind: str, cls: type[Message]) -> msgspec.msgpack.Decoder:
+    decoder = _DECODERS.get(kind)
+    if decoder is None:
+        decoder = _DECODERS[kind] = msgspec.msgpack.Decoder(cls)
+    return decoder

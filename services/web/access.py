@@ -22,14 +22,15 @@ import hmac
 import ipaddress
 from urllib.parse import urlsplit
 
+import msgspec
+
 from shared.config import WebConfig, is_loopback_host
-from shared.record import Record
 
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 REALM = "anime-downloader"
 
 
-class Ask(Record):
+class Ask(msgspec.Struct, frozen=True):
     """The parts of an HTTP request that the decision reads."""
 
     method: str
@@ -42,7 +43,7 @@ class Ask(Record):
     fetch_site: str | None = None  # Sec-Fetch-Site
 
 
-class Verdict(Record):
+class Verdict(msgspec.Struct, frozen=True):
     """``status`` 0 lets the request through; otherwise the HTTP status and why."""
 
     status: int

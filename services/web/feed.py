@@ -16,15 +16,16 @@ import logging
 import time
 from typing import Awaitable, Callable
 
+import msgspec
+
 from services.status import NoAnswer
 from services.web.overview import overview
 from shared.lifecycle import kv
-from shared.record import Record
 
 log = logging.getLogger(__name__)
 
 
-class Update(Record):
+class Update(msgspec.Struct, frozen=True):
     ok: bool  # the dispatcher answered the last request
     status: dict | None  # its document; while silent, the last one known (or None)
     error: str | None  # why there is no fresh document

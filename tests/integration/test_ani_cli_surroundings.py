@@ -63,7 +63,7 @@ def test_titles_land_whatever_curl_and_the_site_make_of_them(make_system) -> Non
     # What ani-cli was asked, and that its menu program was never needed.
     queries = {r["query"] for r in system.sim_runs("start")}
     assert queries == {"Oshi no Ko", "Fate/Zero", "Kiss Tell", "Kaguya-sama", "Broken Show"}
-    assert "query='Oshi no Ko'" in "".join(system.log(f"worker_{i:02d}") for i in (1, 2, 3))
+    assert 'query="Oshi no Ko"' in "".join(system.log(f"worker_{i:02d}") for i in (1, 2, 3))
     meta = json.loads((system.storage / "videos" / "40591" / "metadata.json").read_text())
     assert meta["selected_title"] == "Kaguya-sama Season 2"
     assert meta["episodes"]["1"]["site_title"] == "Kaguya-sama"

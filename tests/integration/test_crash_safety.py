@@ -121,9 +121,16 @@ def downloaded(system: System) -> int:
 
 # --- chaos ---------------------------------------------------------------------
 
+# Fixed, so that a failure can be run again as it happened; another seed explores other
+# orders of kills (CHAOS_SEED=... in the environment). Printed on every run: pytest shows
+# it with the failure.
+CHAOS_SEED = 20261125
+
+
 @pytest.mark.timeout(180)
 def test_chaos_kill_9_anything_every_job_lands_exactly_once(make_system) -> None:
-    seed = int(os.environ.get("CHAOS_SEED", random.randrange(1 << 30)))
+    seed = int(os.environ.get("CHAOS_SEED", CHAOS_SEED))
+    print(f"\nchaos seed={seed} (rerun the same chaos with CHAOS_SEED={seed})")
     rng = random.Random(seed)
     system = make_system({"queue": {"lease_seconds": 4, "heartbeat_seconds": 1}})
     sizes = build_catalog(system, {101: 50, 102: 50, 103: 50, 104: 50}, rng, (0.05, 0.2))
@@ -165,7 +172,7 @@ def test_chaos_kill_9_anything_every_job_lands_exactly_once(make_system) -> None
     runs = runs_per_episode(system)
     assert len(runs) == len(sizes) and min(runs.values()) >= 1
     reruns = sum(runs.values()) - len(runs)
-    print(f"\nchaos seed={seed}: {len(sizes)} jobs, kills={dict(kills)} ({total_kills}), "
+    print(f"chaos seed={seed}: {len(sizes)} jobs, kills={dict(kills)} ({total_kills}), "
           f"ani-cli runs={sum(runs.values())} reruns={reruns} "
           f"max runs/episode={max(runs.values())}, retries={sum(j['retry_count'] for j in system.jobs())}, "
           f"{elapsed:.1f}s")
@@ -305,7 +312,9 @@ def test_a_dispatcher_restart_does_not_disturb_running_downloads(make_system) ->
     wait_for(lambda: system.stages().get("downloading", 0) == 3, 30, "three downloads in flight")
     t0 = time.monotonic()
     stop = system.supervisorctl("stop", "dispatcher")
-    assert stop.returncode == 0 and time.monotonic() - t0 < 3, stop
+    # below stopwaitsecs (10): it stopped by itself, not by supervisord's SIGKILL; the
+    # bound includes supervisorctl's start-up, so it is generous
+    assert stop.returncode == 0 and time.monotonic() - t0 < 8, stop
     info = system.process_info("dispatcher")
     assert info["statename"] == "STOPPED" and info["exitstatus"] == 0, info
     # the downloads go on and finish while the dispatcher is away

@@ -159,7 +159,9 @@ def test_a_second_launcher_refuses_before_rewriting_anything(make_system) -> Non
     lines = second.stderr.strip().splitlines()
     assert len(lines) == 1 and f"already running (pid {first.pid})" in lines[0], second.stderr
     assert f"kill {first.pid}" in lines[0]
-    assert time.monotonic() - t0 < 5
+    # at once, not after waiting for the first one's supervisord; the bound includes the
+    # second launcher's own start-up (seconds on a loaded machine), so it is generous
+    assert time.monotonic() - t0 < 15
     assert (conf.read_bytes(), conf.stat().st_mtime_ns) == before, "run/supervisord.conf was rewritten"
     assert first.poll() is None and system.rpc_ok()
     assert system.process_info("worker:worker_01")["statename"] in ("STARTING", "RUNNING")

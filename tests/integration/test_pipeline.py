@@ -123,7 +123,7 @@ def test_dry_run_changes_nothing_and_runs_no_ani_cli(make_system):
     workers_log = "".join(system.log(f"worker_{i:02d}") for i in (1, 2))
     assert workers_log.count("dry run: would run") == 4
     # The title made search-safe (quotes dropped), still one argv element, logged beside it.
-    assert '"-S", "2", "-e", "1", "-d", "Quoted $(touch pwned) ; rm -rf x"]' in workers_log
+    assert r'\"-S\", \"2\", \"-e\", \"1\", \"-d\", \"Quoted $(touch pwned) ; rm -rf x\"]' in workers_log
 
 
 def test_anime_id_filter_hands_out_only_that_anime(make_system):

@@ -264,7 +264,7 @@ def test_authorised_client_talks_unknown_and_plain_clients_are_refused_and_logge
     bad = opened(client(other / "clients" / "stranger.key_secret")).connect(
         zmq.DEALER, endpoint, identity=b"x/s")
     bad.send(b"let me in")
-    line = wait_for(lambda: records(caplog, "reason='unknown key"), 5, "the unknown key refusal")
+    line = wait_for(lambda: records(caplog, 'reason="unknown key'), 5, "the unknown key refusal")
     assert line[0] == kv("refused client", endpoint="dispatcher", address="127.0.0.1",
                          reason="unknown key (not in authorized_keys_dir)",
                          client_key=stranger_public)  # z85 may need quoting
@@ -280,13 +280,13 @@ def test_authorised_client_talks_unknown_and_plain_clients_are_refused_and_logge
     # sees the client hang up during the handshake.
     line = wait_for(lambda: records(caplog, "address=unknown"), 5, "the plain client refusal")
     assert line[0] in ("refused client endpoint=dispatcher address=unknown "
-                       "reason='no CURVE key (plain-text client)'",
+                       'reason="no CURVE key (plain-text client)"',
                        "refused client endpoint=dispatcher address=unknown "
-                       "reason='handshake failed (Connection reset by peer): not a CURVE "
-                       "client, or it hung up'",
+                       'reason="handshake failed (Connection reset by peer): not a CURVE '
+                       'client, or it hung up"',
                        "refused client endpoint=dispatcher address=unknown "
-                       "reason='handshake failed (Broken pipe): not a CURVE client, or it hung "
-                       "up'"), line
+                       'reason="handshake failed (Broken pipe): not a CURVE client, or it hung '
+                       'up"'), line
 
     # Not ZeroMQ at all.
     with socket.create_connection(("127.0.0.1", int(endpoint.rsplit(":", 1)[1])), timeout=5) as raw:

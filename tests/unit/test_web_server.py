@@ -51,7 +51,7 @@ def test_only_anime_web_imports_the_http_library():
     code = ("import sys\n"
             "import services.worker.__main__, services.worker.agent, services.worker.attempt\n"
             "import services.dispatcher.__main__, services.dispatcher.server\n"
-            "import services.disk_watcher.service, services.status, services.launcher\n"
+            "import services.disk_watcher.server, services.status, services.launcher\n"
             "import services.web.__main__\n"  # the console script's module: imports it late
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('aiohttp', 'selenium')))\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
