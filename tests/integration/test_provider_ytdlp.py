@@ -9,11 +9,14 @@ with a temp bin dir holding an ``ffmpeg`` symlink (imageio-ffmpeg's binary) firs
 on PATH so yt-dlp can fix up the MPEG-TS it downloads into a real MP4. Waits are
 on the provider's access log (condition variable) or on bounded polls of a
 file, never on fixed sleeps.
+
+What is tested here is yt-dlp's real behaviour (the facts the worker relies on) and the
+provider's fidelity to a real HLS CDN (playlists, segments, Range); the provider's own
+knobs are exercised by the tests that use them.
 """
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import re
@@ -21,7 +24,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -31,15 +33,12 @@ from typing import Any, Callable
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-try:
-    from tests.fakes import provider as provider_mod
-except ModuleNotFoundError:  # pytest run without the repo root on sys.path
+if str(REPO) not in sys.path:  # pytest run without the repo root on sys.path
     sys.path.insert(0, str(REPO))
-    from tests.fakes import provider as provider_mod
 
 from services.worker.video import NotAVideo, remux_to_mkv, verify_video
 from services.worker import video
-from tests.fakes.provider import Provider, ProviderClient, ProviderError, read_log_file, wait_for_port_file
+from tests.fakes.provider import Provider, read_log_file
 from tests.system import wait_for
 
 FFMPEG = video.find_ffmpeg()
@@ -164,123 +163,6 @@ def test_provider_serves_hls(provider: Provider, slug: str) -> None:
     assert len(whole) == 1 and whole[0]["bytes"] == len(seg) and whole[0]["complete"]
     # the same entries are in the JSON-lines file
     assert [e for e in read_log_file(provider.access_log_path) if e.get("slug") == slug] == entries
-
-
-@needs_ffmpeg
-def test_provider_duration_per_episode(provider: Provider, slug: str) -> None:
-    provider.set_duration(slug, 2, seconds=2)
-    assert provider.segment_count(slug, 2) == 2
-    assert provider.segment_count(slug, 1) == 4
-
-
-@needs_ffmpeg
-def test_provider_behaviours(provider: Provider, slug: str) -> None:
-    base = f"{provider.base_url}/{slug}"
-    provider.fail_segment(slug, 1, 1, times=2)
-    assert [_get(f"{base}/1/seg001.ts")[0] for _ in range(3)] == [500, 500, 200]
-    assert _get(f"{base}/2/seg001.ts")[0] == 200  # per-episode
-
-    provider.drop_segment(slug, 1, 2, times=1)
-    with pytest.raises(http.client.IncompleteRead):
-        with urllib.request.urlopen(f"{base}/1/seg002.ts", timeout=30) as r:
-            r.read()
-    assert _get(f"{base}/1/seg002.ts")[0] == 200
-    dropped = provider.wait_for(slug=slug, segment=2, behaviour="drop")
-    assert len(dropped) == 1 and not dropped[0]["complete"] and 0 < dropped[0]["bytes"] < 40000
-
-    provider.serve_bogus(slug, 3, "html")
-    status, body, headers = _get(f"{base}/3/index.m3u8")
-    assert status == 200 and headers["Content-Type"].startswith("text/html") and 200 < len(body) < 400
-    provider.serve_bogus(slug, 4, "playlist")
-    status, body, _ = _get(f"{base}/4/index.m3u8")
-    assert body.startswith(b"#EXTM3U") and 200 < len(body) < 400
-    assert _get(f"{base}/4/bogus000.ts")[1].startswith(b"<!DOCTYPE html>")
-    provider.set_behaviour(slug, 5, missing=True)
-    assert _get(f"{base}/5/index.m3u8")[0] == 404
-
-    provider.slow(slug, 6, bytes_per_second=100_000)
-    t0 = time.monotonic()
-    status, seg, _ = _get(f"{base}/6/seg000.ts")
-    elapsed = time.monotonic() - t0
-    assert status == 200
-    assert len(seg) / elapsed == pytest.approx(100_000, rel=0.25)
-
-    provider.reset(slug)
-    assert _get(f"{base}/3/index.m3u8")[1].startswith(b"#EXTM3U")
-
-    with pytest.raises(ProviderError, match="unknown behaviour"):
-        provider.set_behaviour(slug, 1, sloww=1)
-
-
-@needs_ffmpeg
-def test_provider_wait_for_times_out(provider: Provider, slug: str) -> None:
-    t0 = time.monotonic()
-    with pytest.raises(TimeoutError):
-        provider.wait_for(slug=slug, timeout=0.2)
-    assert time.monotonic() - t0 < 2
-
-
-@needs_ffmpeg
-def test_provider_as_a_process(tmp_path: Path, cache_dir: Path) -> None:
-    port_file, log_file = tmp_path / "run" / "port.json", tmp_path / "access.jsonl"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.fakes.provider", "--cache-dir", str(cache_dir), "--port-file", str(port_file),
-         "--access-log", str(log_file)],
-        cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        info = wait_for_port_file(port_file, timeout=30, proc=proc)
-        assert info["pid"] == proc.pid and info["base_url"] == f"http://127.0.0.1:{info['port']}"
-        client = ProviderClient(info["base_url"])
-        client.set_behaviour("show", 7, fail={0: 1}, rate=10**6)
-        assert client.control("get", slug="show", episode="7")["behaviour"]["fail"] == {"0": 1}
-        assert client.prepare("show", 7) == ["seg000.ts", "seg001.ts", "seg002.ts", "seg003.ts"]
-        seg_url = f"{info['base_url']}/show/7/seg000.ts"
-        statuses: list[int] = []
-        t = threading.Thread(target=lambda: statuses.extend(_get(seg_url)[0] for _ in range(2)))
-        t.start()
-        got = client.wait_for(timeout=20, count=2, slug="show", segment=0)  # long-poll on the control API
-        t.join(10)
-        assert statuses == [500, 200] and [e["status"] for e in got] == [500, 200]
-        assert [e["status"] for e in client.log(slug="show")] == [500, 200]
-        with pytest.raises(TimeoutError):
-            client.wait_for(timeout=0.2, slug="nobody")
-        with pytest.raises(ProviderError, match="unknown op"):
-            client.control("explode")
-        with pytest.raises(ProviderError, match="bogus must be one of"):
-            client.set_behaviour("show", 7, bogus="nope")
-        assert [e["status"] for e in read_log_file(log_file)] == [500, 200]
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            rc = proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            raise
-    assert rc == 0, proc.stderr.read().decode()
-
-
-@needs_ffmpeg
-def test_media_generation_is_safe_concurrently(tmp_path: Path) -> None:
-    """Several processes and threads generating the same key at once: one result, no debris."""
-    cache = tmp_path / "cache"
-    code = f"from tests.fakes.provider import ensure_media; print(ensure_media({str(cache)!r}, 3.0))"
-    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True,
-                              stdin=subprocess.DEVNULL) for _ in range(3)]
-    results: list[Path] = []
-    threads = [threading.Thread(target=lambda: results.append(provider_mod.ensure_media(cache, 3.0)))
-               for _ in range(3)]
-    for t in threads:
-        t.start()
-    outs = [p.communicate(timeout=60)[0].strip() for p in procs]
-    for t in threads:
-        t.join(60)
-    assert all(p.returncode == 0 for p in procs)
-    final = cache / provider_mod.media_key(3.0)
-    assert set(outs) == {str(final)} and set(results) == {final}
-    assert [p.name for p in cache.iterdir()] == [final.name]  # temp dirs cleaned up
-    media = provider_mod.load_media(final)
-    assert media.segments == ("seg000.ts", "seg001.ts", "seg002.ts")
 
 
 # --------------------------------------------------------------------------- yt-dlp, the ani-cli way

@@ -212,7 +212,10 @@ def test_total_bandwidth_is_capped_whatever_the_number_of_workers(make_system, p
     report(capsys, f"[bandwidth] cap {cap} B/s, {workers} worker(s): the provider served {rate:.0f} B/s "
                    f"({rate / cap:.1%} of the cap) over the {window:.2f} s all of them were downloading")
     assert window >= 2.0, f"measurement window too short: {window:.2f}s"
-    assert rate == pytest.approx(cap, rel=0.10)
+    # Never above the cap (+10 %: the provider's own pacing); below it only by what a loaded
+    # machine costs the downloads (seen: 89 % with the whole suite running beside it). A
+    # wrong share (1/N per fragment, or the cap per worker) is off by a factor of N or 16.
+    assert 0.75 * cap <= rate <= 1.10 * cap, (rate, cap)
 
 
 # --------------------------------------------------------------------------- resume
