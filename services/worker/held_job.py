@@ -116,6 +116,7 @@ class HeldJob:
         if self.kill_reason is None:
             self.kill_reason = reason
             log.info(kv("stopping ani-cli", why=reason, pid=self.pid, **self.context))
+        self.timers.cancel(DEADLINE)  # killed: a due deadline would keep the loop from sleeping
         self.timers.start(KILL, now, KILL_GRACE_SECONDS)
         self.out.append(Kill(sig))
 

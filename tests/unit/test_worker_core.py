@@ -71,7 +71,10 @@ class Worker:
 
     def tick(self, seconds: float = 0.0) -> list:
         self.now += seconds
-        return self.core.tick(self.now)
+        actions = self.core.tick(self.now)
+        # A tick does what is due: a timer left due would keep the loop from sleeping.
+        assert self.core.wait_seconds(self.now) > 0, self.core.timers._at
+        return actions
 
     def hear(self, msg) -> list:
         return self.core.on_message(msg, self.now)
@@ -229,6 +232,8 @@ def test_a_download_past_its_deadline_is_killed_then_killed_harder(w: Worker) ->
     w.downloading()
     assert others(w.tick(29.9)) == []
     assert others(w.tick(0.1)) == [Kill(signal.SIGTERM)]
+    # nothing is due until the SIGKILL: the loop sleeps, it does not spin
+    assert w.core.wait_seconds(w.now) > 0
     assert others(w.tick(held_job.KILL_GRACE_SECONDS)) == [Kill(signal.SIGKILL)]
     assert others(w.tick(held_job.KILL_GRACE_SECONDS)) == [Kill(signal.SIGKILL)]
     actions = w.core.exited(Exit(-9, tail="[download] 12% of 5MiB"), w.now)
