@@ -213,25 +213,30 @@ class WorkerCore:
             self.timers.start(BEAT, now, RECONNECT_RETRY_SECONDS)
         return []
 
-    def started(self, pid: int, now: float) -> list[Action]:
+    def _to_attempt(self, event: Callable[[HeldJob], None]) -> list[Action]:
+        """Pass an event about the attempt on to the held job (none: it ended meanwhile)."""
         if self.attempt is not None:
-            self.attempt.started(pid, now)
+            event(self.attempt)
         return self._take()
+
+    def started(self, pid: int, now: float) -> list[Action]:
+        return self._to_attempt(lambda a: a.started(pid, now))
 
     def start_failed(self, exc: Exception, now: float) -> list[Action]:
-        if self.attempt is not None:
-            self.attempt.start_failed(exc, now)
-        return self._take()
+        return self._to_attempt(lambda a: a.start_failed(exc, now))
 
     def exited(self, exit: Exit, now: float) -> list[Action]:
-        if self.attempt is not None:
-            self.attempt.exited(exit, now)
-        return self._take()
+        return self._to_attempt(lambda a: a.exited(exit, now))
 
     def post_done(self, post: PostResult, now: float) -> list[Action]:
-        if self.attempt is not None:
-            self.attempt.post_done(post, now)
-        return self._take()
+        return self._to_attempt(lambda a: a.post_done(post, now))
+
+    def land_failed(self, exc: OSError, now: float) -> list[Action]:
+        return self._to_attempt(lambda a: a.land_failed(exc, now))
+
+    def attempt_error(self, exc: Exception, now: float) -> list[Action]:
+        """A bug while checking the attempt must not end the worker: fail the attempt."""
+        return self._to_attempt(lambda a: a.broke(exc, now))
 
     def landed(self, now: float) -> list[Action]:
         """The file is in place: nothing of this attempt is needed any more. Idle now, so
@@ -241,17 +246,6 @@ class WorkerCore:
         self.attempt.landed(now)
         self._out.append(Discard(keep_partials=False))
         self._idle(now)
-        return self._take()
-
-    def land_failed(self, exc: OSError, now: float) -> list[Action]:
-        if self.attempt is not None:
-            self.attempt.land_failed(exc, now)
-        return self._take()
-
-    def attempt_error(self, exc: Exception, now: float) -> list[Action]:
-        """A bug while checking the attempt must not end the worker: fail the attempt."""
-        if self.attempt is not None:
-            self.attempt.broke(exc, now)
         return self._take()
 
     # --- the time -------------------------------------------------------------
