@@ -1,20 +1,17 @@
-"""Running ani-cli for one job attempt, and judging what it left behind.
+"""ani-cli's command line and environment for one job attempt, and the verdict on what
+it left behind (no I/O here: services/worker/process.py runs it).
 
-ani-cli runs from an argument list (never a shell), stdin /dev/null, in its own
-process group (so a time-out or a stop kills yt-dlp/ffmpeg with it), with its
-download and history directories private to the job on the storage filesystem.
-ani-cli v5 exits 0 even when its downloader failed and names the file after the
-site's title, so success is judged by what is in the directory: exactly one
-finished, non-empty file and no partial leftovers.
+ani-cli runs from an argument list (never a shell), with its download and history
+directories private to the job on the storage filesystem. ani-cli v5 exits 0 even
+when its downloader failed and names the file after the site's title, so success is
+judged by what is in the directory: exactly one finished, non-empty file and no
+partial leftovers.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import signal
-import stat
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +19,6 @@ from shared.layout import PARTIAL_SUFFIXES
 from services.worker import shims
 
 NO_SPACE_MARKERS = ("No space left on device", "[Errno 28]", "ENOSPC")
-KILL_GRACE_SECONDS = 3.0
 
 
 def build_argv(command: str, selected_index: int, episode: int, extra_args: tuple[str, ...],
@@ -55,105 +51,33 @@ def build_env(base: dict[str, str], download_dir: Path, hist_dir: Path,
     return env
 
 
-def start(argv: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen:
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, cwd=cwd, env=env, start_new_session=True,
-                            close_fds=True)
-    for pipe in (proc.stdout, proc.stderr):
-        os.set_blocking(pipe.fileno(), False)
-    return proc
-
-
-def exit_fd(proc: subprocess.Popen) -> int | None:
-    """A pidfd that becomes readable when ``proc`` exits (Linux 5.3+), so the worker's poll
-    wakes at the exit instead of polling for it; None where there is none."""
-    try:
-        return os.pidfd_open(proc.pid)
-    except (AttributeError, OSError):
-        return None
-
-
-def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
-    """Signal ani-cli's whole process group (yt-dlp, ffmpeg, anything it started)."""
-    try:
-        os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def reap(proc: subprocess.Popen, timeout: float = 2.0) -> None:
-    """Kill ani-cli's group and wait for ani-cli itself, so no zombie is left behind."""
-    kill_group(proc)
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        pass
-    for pipe in (proc.stdout, proc.stderr):
-        if pipe is not None and not pipe.closed:
-            pipe.close()
-
-
-def bytes_in(directory: Path) -> int:
-    """Bytes written so far under a download directory (the fallback progress); a
-    subdirectory is there when the site's title has a ``/`` in it."""
-    total = 0
-    try:
-        with os.scandir(directory) as entries:
-            for entry in entries:
-                try:
-                    if entry.is_file(follow_symlinks=False):
-                        total += entry.stat(follow_symlinks=False).st_size
-                    elif entry.is_dir(follow_symlinks=False):
-                        total += bytes_in(Path(entry.path))
-                except OSError:
-                    continue
-    except OSError:
-        return 0
-    return total
-
-
 def is_partial(name: str) -> bool:
     return any(suffix in name for suffix in PARTIAL_SUFFIXES) or name.startswith(".")
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """What an ani-cli run produced: a file, or why not (the job's error_message)."""
-    file: Path | None
+    """What an ani-cli run produced: a file (its name relative to the download directory),
+    or why not (the job's error_message)."""
+    file: str | None
     error: str | None
     no_space: bool = False
 
 
-def files_under(directory: Path) -> list[tuple[str, int]]:
-    """(name relative to ``directory``, size) of every regular file below it, sorted. A
-    file that vanishes while it is listed (a downloader's temporary file) is left out."""
-    found = []
-    for root, _dirs, names in os.walk(directory):
-        for name in names:
-            path = os.path.join(root, name)
-            try:
-                st = os.stat(path, follow_symlinks=False)
-            except OSError:
-                continue
-            if stat.S_ISREG(st.st_mode):
-                found.append((os.path.relpath(path, directory), st.st_size))
-    return sorted(found)
-
-
-def judge(exit_code: int, download_dir: Path, output_tail: str,
+def judge(exit_code: int, files: list[tuple[str, int]], output_tail: str,
           destination: str | None = None) -> Outcome:
     """Apply the rules: exit 0 AND exactly one finished non-empty file, no leftovers,
-    anywhere under the download directory (``dl/Fate/Zero Episode 1.mp4`` for a site
-    title with a ``/``). ``destination`` is where the downloader said it would write."""
+    anywhere under the download directory (``files``: every file below it, relative
+    name and size; ``Fate/Zero Episode 1.mp4`` for a site title with a ``/``).
+    ``destination`` is where the downloader said it would write."""
     no_space = any(marker in output_tail for marker in NO_SPACE_MARKERS)
     if exit_code != 0:
         error = f"ani-cli returned non-zero exit code: {exit_code}"
         return Outcome(None, _with_tail(error, output_tail), no_space)
-    files = files_under(download_dir)
     partial = [n for n, _ in files if is_partial(os.path.basename(n))]
     finished = [n for n, size in files if size > 0 and not is_partial(os.path.basename(n))]
     if len(finished) == 1 and not partial:
-        return Outcome(download_dir / finished[0], None)
+        return Outcome(finished[0], None)
     details = []
     if files:
         details.append(f"found: {', '.join(n for n, _ in files)}")

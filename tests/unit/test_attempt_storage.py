@@ -76,11 +76,11 @@ def test_landing_on_a_storage_that_lost_its_marker_creates_nothing(tmp_path: Pat
     a.prepare()
     staged = a.private_dir / "ready-a1.mkv"
     staged.write_bytes(b"x" * 100)
-    a.post = PostResult(staged=staged, ext=".mkv", size=100)
+    a.post.result = PostResult(staged=staged, ext=".mkv", size=100)
     (disk / MARKER_NAME).unlink()
     target = layout.episode_path(disk, 5114, 3, ".mkv")
     with pytest.raises(StorageUnavailable):
-        a.land(str(target))
+        a.land(str(target), None, False)
     assert not (disk / "videos").exists()
     a.release()
 

@@ -1,4 +1,4 @@
-"""The worker's post-download step (services/worker/attempt.py): verify, remux, stage.
+"""The worker's post-download step (services/worker/post_step.py): verify, remux, stage.
 
 A time-out is no verdict on the file, a remux that runs out of space is lack of space,
 and stopping the step (a cancelled lease, a stop, the hard limit) ends its ffmpeg and
@@ -13,13 +13,14 @@ import select
 import subprocess
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
-from services.worker import video
+from services.worker import private_dir, video
+from services.worker.actions import Exit, Figures, Send, Start, StartPost
 from services.worker.agent import Worker
 from services.worker.attempt import Attempt
+from services.worker.core import WorkerCore
 from shared.config import load_config
 from shared.protocol import REASON_NO_SPACE, REASON_TIMEOUT, DiskStateMsg, JobAssign
 from tests.system import render_toml, wait_for
@@ -75,8 +76,29 @@ def running(pid: int) -> bool:
 
 
 def post_result(a: Attempt, timeout: float = 10.0):
-    assert select.select([a.post_wakeup[0]], [], [], timeout)[0], "the post step did not end"
-    return a.post
+    assert select.select([a.post.wakeup[0]], [], [], timeout)[0], "the post step did not end"
+    return a.post.result
+
+
+def into_verifying(core: WorkerCore, a: Attempt) -> WorkerCore:
+    """Drive the core through its public events to the post step of ``a``'s job."""
+    now = time.monotonic()
+    core.on_disk(disk_state("running"), now)
+    assert isinstance(core.on_message(a.job, now)[0], Start)
+    core.started(4242, now)
+    exit = Exit(0, files=private_dir.files_under(a.download_dir))
+    assert any(isinstance(act, StartPost) for act in core.exited(exit, now))
+    return core
+
+
+def core_for(a: Attempt) -> WorkerCore:
+    return into_verifying(WorkerCore(a.config, "w01", "session", "host", storage_problem=lambda _: None,
+                                     figures=lambda _: Figures()), a)
+
+
+def reasons(actions) -> list[str]:
+    """The reasons of the failures the worker reports."""
+    return [act.msg.reason for act in actions if isinstance(act, Send)]
 
 
 def open_fds() -> int:
@@ -92,15 +114,16 @@ def download(a: Attempt, data: bytes = b"\0" * 1000, name: str = "Show Episode 3
 def test_a_verify_time_out_keeps_the_file_and_is_a_time_out(tmp_path: Path, slow_tools: Path) -> None:
     a = make_attempt(tmp_path, verify=True, container="keep", verify_timeout_seconds=0.5)
     file = download(a)
+    core = core_for(a)
     started = time.monotonic()
-    a.start_post(file)
+    a.start_post(file.name)
     post = post_result(a)
     assert time.monotonic() - started < 5
     assert post.timed_out and not post.no_space and "verify timed out" in post.error, post
     assert file.exists(), "a time-out is no proof of a bad file: the retry needs it"
     assert not any(running(pid) for pid in started_pids(slow_tools)), "the slow tool outlived it"
-    calls = []  # and the worker reports it as a time-out (a counted retry that keeps the file)
-    Worker._after_post(SimpleNamespace(_fail=lambda reason, error: calls.append(reason)), a)
+    # and the worker reports it as a time-out (a counted retry that keeps the file)
+    calls = reasons(core.post_done(post, time.monotonic()))
     assert calls == [REASON_TIMEOUT]
     a.release()
 
@@ -115,12 +138,12 @@ def test_cancelling_during_the_verify_ends_ffmpeg_and_frees_its_pipe(tmp_path: P
     a = make_attempt(tmp_path, verify=True, container="mkv", verify_timeout_seconds=60)
     file = download(a)
     before = open_fds()
-    a.start_post(file)
+    a.start_post(file.name)
     pid = wait_for(lambda: started_pids(slow_tools), 10, "the slow tool to start")[0]
     a.discard(keep_partials=True)  # what the worker does on JobCancel
     assert wait_for(lambda: not running(pid), 5, "the slow tool to be killed")
     assert open_fds() <= before - 1, "the post step's pipe is still open"  # minus the lock fd
-    assert a.post_thread is not None and not a.post_thread.is_alive()
+    assert a.post.thread is not None and not a.post.thread.is_alive()
     assert file.exists()  # partials kept: the lease went elsewhere, the next attempt may resume
 
 
@@ -154,12 +177,12 @@ def test_a_remux_that_runs_out_of_space_is_lack_of_space(tmp_path: Path, small_t
     assert 550_000 < source.stat().st_size < 1_000_000, source.stat().st_size
     a = make_attempt(tmp_path, verify=False, container="mkv")
     file = download(a, source.read_bytes())
-    a.start_post(file)
+    core = core_for(a)
+    a.start_post(file.name)
     post = post_result(a, 30)
     assert post.no_space and "No space left on device" in post.error, post
     assert list(a.private_dir.glob("ready-a*")) == [], "the partial copy is left behind"
-    calls = []
-    Worker._after_post(SimpleNamespace(_fail=lambda reason, error: calls.append(reason)), a)
+    calls = reasons(core.post_done(post, time.monotonic()))
     assert calls == [REASON_NO_SPACE]
     a.release()
 
@@ -183,6 +206,7 @@ def worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     def make(a: Attempt) -> Worker:
         w = Worker(a.config, "w01")
         w._open()
+        into_verifying(w.core, a)
         w.attempt = a
         made.append(w)
         return w
@@ -204,12 +228,12 @@ def test_a_remux_at_the_hard_limit_is_aborted_and_its_files_freed(tmp_path: Path
                                                                    worker) -> None:
     a = make_attempt(tmp_path, verify=False, container="mkv", verify_timeout_seconds=60)
     file = download(a)
-    a.start_post(file)
-    pid = wait_for(lambda: started_pids(slow_tools), 10, "the remux to start")[0]
     w = worker(a)
-    w._on_disk(disk_state("hard_limit"))
+    a.start_post(file.name)
+    pid = wait_for(lambda: started_pids(slow_tools), 10, "the remux to start")[0]
+    w._do(w.core.on_disk(disk_state("hard_limit"), time.monotonic()))
     assert not running(pid), "the remux went on writing at the hard limit"
-    assert (w.pending.reason, w.pending.error) == ("hard_limit",
+    assert (w.core.pending.reason, w.core.pending.error) == ("hard_limit",
                                                    "aborted: disk usage reached hard_limit_gb")
     assert not file.exists() and list(a.private_dir.glob("ready-a*")) == []
 
@@ -218,11 +242,11 @@ def test_a_verify_on_a_storage_that_went_away_is_handed_back_with_its_files(
         tmp_path: Path, slow_tools: Path, worker) -> None:
     a = make_attempt(tmp_path, verify=True, container="mkv", verify_timeout_seconds=60)
     file = download(a)
-    a.start_post(file)
-    pid = wait_for(lambda: started_pids(slow_tools), 10, "the verify to start")[0]
     w = worker(a)
+    a.start_post(file.name)
+    pid = wait_for(lambda: started_pids(slow_tools), 10, "the verify to start")[0]
     why = "storage_dir /x is no longer a mount point (is the disk mounted?)"
-    w._on_disk(disk_state("unavailable", why))
+    w._do(w.core.on_disk(disk_state("unavailable", why), time.monotonic()))
     assert not running(pid)
-    assert (w.pending.reason, w.pending.error) == ("storage_unavailable", f"storage unavailable: {why}")
+    assert (w.core.pending.reason, w.core.pending.error) == ("storage_unavailable", f"storage unavailable: {why}")
     assert file.exists()  # nothing touched: the disk may come back with it

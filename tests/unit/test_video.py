@@ -1,4 +1,5 @@
-"""Tests of services.worker.video: tool discovery, verify_video's verdicts, remux_to_mkv.
+"""Tests of services.worker.video (verify.py, remux.py, media_tools.py, containers.py): tool
+discovery, verify_video's verdicts, remux_to_mkv.
 
 Sample media is made once per module with the real ffmpeg (imageio-ffmpeg's
 binary); tests that need it skip with a reason when it is missing.
@@ -22,6 +23,7 @@ except ModuleNotFoundError:  # pytest run without the repo root on sys.path
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from services.worker import video
 
+from services.worker import media_tools, remux, verify  # noqa: E402
 from services.worker.video import NotAVideo, RemuxError, VerifyTimeout, VideoInfo, remux_to_mkv, verify_video
 
 FFMPEG = video.find_ffmpeg()
@@ -190,7 +192,7 @@ def test_rejects_directory(tmp_path: Path) -> None:
 def test_ffmpeg_alone_detects_truncation(media: dict[str, Path], name: str, reason: str,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """Defence in depth: with the structural checks off, the ffmpeg pass still rejects."""
-    monkeypatch.setattr(video, "_structural_check", lambda *a: None)
+    monkeypatch.setattr(verify, "structural_check", lambda *a: None)
     with pytest.raises(NotAVideo) as exc:
         verify_video(media[name])
     assert reason in str(exc.value)
@@ -211,8 +213,8 @@ def test_ts_cut_on_packet_boundary_passes_as_shorter(media: dict[str, Path], tmp
 
 @pytest.fixture
 def no_tools(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(video, "find_ffmpeg", lambda: None)
-    monkeypatch.setattr(video, "find_ffprobe", lambda: None)
+    monkeypatch.setattr(verify, "find_ffmpeg", lambda: None)
+    monkeypatch.setattr(verify, "find_ffprobe", lambda: None)
 
 
 @needs_ffmpeg
@@ -294,8 +296,8 @@ def test_timeout_kills_the_tool(media: dict[str, Path], tmp_path: Path, monkeypa
     hang = tmp_path / "ffmpeg-hang"
     hang.write_text(f"#!/bin/sh\necho $$ > {pidfile}\nexec sleep 60\n")
     hang.chmod(0o755)
-    monkeypatch.setattr(video, "find_ffmpeg", lambda: str(hang))
-    monkeypatch.setattr(video, "find_ffprobe", lambda: None)
+    monkeypatch.setattr(verify, "find_ffmpeg", lambda: str(hang))
+    monkeypatch.setattr(verify, "find_ffprobe", lambda: None)
     t0 = time.monotonic()
     with pytest.raises(VerifyTimeout, match="did not read the file within"):
         verify_video(media["mp4"], timeout_seconds=0.5)
@@ -315,7 +317,7 @@ def test_subprocess_calls_are_argument_lists(media: dict[str, Path], tmp_path: P
         calls.append((args, kwargs))
         return real(args, **kwargs)
 
-    monkeypatch.setattr(video.subprocess, "Popen", spy)
+    monkeypatch.setattr(media_tools.subprocess, "Popen", spy)
     verify_video(media["mp4"])
     remux_to_mkv(media["mp4"], tmp_path / "out.mkv")
     assert len(calls) == 2
@@ -373,6 +375,6 @@ def test_remux_failure_raises_and_removes_output(media: dict[str, Path], tmp_pat
 
 
 def test_remux_without_ffmpeg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(video, "find_ffmpeg", lambda: None)
+    monkeypatch.setattr(remux, "find_ffmpeg", lambda: None)
     with pytest.raises(RemuxError, match="no ffmpeg"):
         remux_to_mkv(tmp_path / "a.mp4", tmp_path / "a.mkv")

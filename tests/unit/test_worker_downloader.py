@@ -10,12 +10,11 @@ import errno
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from services.worker import download, rename, shims, titles
+from services.worker import download, landing, private_dir, shims, titles
 from services.worker.attempt import Attempt, PostResult
 from services.worker.progress import ProgressParser
 from shared.config import load_config
@@ -160,16 +159,17 @@ def test_the_one_file_is_found_in_a_subdirectory(tmp_path: Path) -> None:
     dl = tmp_path / "dl"
     (dl / "Fate").mkdir(parents=True)
     (dl / "Fate" / "Zero Episode 1.mp4").write_bytes(b"x" * 10)
-    outcome = download.judge(0, dl, "")
-    assert outcome.file == dl / "Fate" / "Zero Episode 1.mp4" and outcome.error is None
-    assert download.bytes_in(dl) == 10
+    outcome = download.judge(0, private_dir.files_under(dl), "")
+    assert dl / outcome.file == dl / "Fate" / "Zero Episode 1.mp4" and outcome.error is None
+    assert private_dir.bytes_in(dl) == 10
 
 
 def test_no_file_says_what_was_found_and_the_downloader_s_destination(tmp_path: Path) -> None:
     dl = tmp_path / "dl"
     (dl / "Fate").mkdir(parents=True)
     (dl / "Fate" / "Zero Episode 1.mp4.part").write_bytes(b"x")
-    outcome = download.judge(0, dl, "ERROR: fragment 3 not found", "dl/Fate/Zero Episode 1.mp4")
+    outcome = download.judge(0, private_dir.files_under(dl), "ERROR: fragment 3 not found",
+                             "dl/Fate/Zero Episode 1.mp4")
     assert outcome.file is None
     assert outcome.error == ("Downloaded video not found in expected location (found: "
                              "Fate/Zero Episode 1.mp4.part; the downloader's destination: "
@@ -194,7 +194,7 @@ def test_a_file_vanishing_while_it_is_judged_is_no_crash(tmp_path: Path, monkeyp
         return result
 
     monkeypatch.setattr(os, "stat", stat_then_vanish)
-    outcome = download.judge(0, dl, "")
+    outcome = download.judge(0, private_dir.files_under(dl), "")
     assert outcome.file is None and outcome.error.startswith("Downloaded video not found")
 
 
@@ -218,7 +218,7 @@ def attempt(tmp_path: Path) -> Attempt:
     a.prepare()
     staged = a.private_dir / "ready-a1.mkv"
     staged.write_bytes(b"new episode")
-    a.post = PostResult(staged=staged, ext=".mkv", size=11)
+    a.post.result = PostResult(staged=staged, ext=".mkv", size=11)
     return a
 
 
@@ -231,7 +231,7 @@ def test_metadata_json_is_written_only_after_the_link(attempt: Attempt) -> None:
     target.parent.mkdir(parents=True)
     target.write_bytes(b"another episode")  # the link fails: a different file is there
     with pytest.raises(FileExistsError):
-        attempt.land(str(target))
+        attempt.land(str(target), None, False)
     assert target.read_bytes() == b"another episode"
     assert not (attempt.config.storage_dir / "videos" / "5114" / "metadata.json").exists()
 
@@ -249,9 +249,9 @@ def test_the_rename_fallback_never_replaces_an_episode(attempt: Attempt, monkeyp
     monkeypatch.setattr(Path, "exists", lambda self: False)  # a check that came too early
     monkeypatch.setattr(os.path, "exists", lambda path: False)
     with pytest.raises(FileExistsError):
-        attempt.land(str(target))
+        attempt.land(str(target), None, False)
     assert target.read_bytes() == b"another episode"
-    assert attempt.post.staged.read_bytes() == b"new episode"
+    assert attempt.post.result.staged.read_bytes() == b"new episode"
 
 
 def test_the_rename_fallback_lands_when_the_name_is_free(attempt: Attempt, monkeypatch) -> None:
@@ -259,7 +259,7 @@ def test_the_rename_fallback_lands_when_the_name_is_free(attempt: Attempt, monke
         raise OSError(errno.EPERM, "Operation not permitted")
 
     monkeypatch.setattr(os, "link", no_links)
-    attempt.land(str(target_of(attempt)))
+    attempt.land(str(target_of(attempt)), None, False)
     assert target_of(attempt).read_bytes() == b"new episode"
     meta = json.loads((attempt.config.storage_dir / "videos" / "5114" / "metadata.json").read_text())
     assert meta["episodes"]["3"]["file"] == "ep003.mkv"
@@ -270,8 +270,8 @@ def test_rename_noreplace_is_atomic_in_the_kernel(tmp_path: Path) -> None:
     src.write_text("a")
     dst.write_text("b")
     with pytest.raises(FileExistsError):
-        rename.rename_noreplace(src, dst, lock)
-    assert rename._renameat2() is not None, "glibc without renameat2: only the locked fallback"
+        landing.rename_noreplace(src, dst, lock)
+    assert landing._renameat2() is not None, "glibc without renameat2: only the locked fallback"
     dst.unlink()
-    rename.rename_noreplace(src, dst, lock)
+    landing.rename_noreplace(src, dst, lock)
     assert dst.read_text() == "a" and not src.exists()
