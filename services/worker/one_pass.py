@@ -87,7 +87,7 @@ def verify_and_remux(src: Path, dst: Path, timeout_seconds: float = 600,
         _unlink(dst)
         raise
     if rc != 0:
-        raise RemuxError(f"ffmpeg exit {rc}: {tail or 'no message'}")
+        raise RemuxError(f"ffmpeg exit {rc}: {'; '.join((scan.errors or [])[-3:]) or tail or 'no message'}")
     if not _written(dst):
         _unlink(dst)
         raise RemuxError("ffmpeg produced no output")
