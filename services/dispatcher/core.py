@@ -79,7 +79,8 @@ class Dispatcher:
         self.leases = LeaseTable()
         self.sessions = Sessions(config.queue.lease_seconds, connected)
         self.admission = Admission(config.disk, peak_factor=peak_factor(config.downloader),
-                                   ignore_storage=self.options.dry_run)
+                                   ignore_storage=self.options.dry_run,
+                                   dry_run=self.options.dry_run)
         self.disk = DiskHooks(self.admission)
         self.counts = QueueCounts()
         self.recent = Recent()
@@ -293,7 +294,7 @@ class Dispatcher:
             workers=[(seen, by_owner.get(identity)) for identity, seen in workers],
             disk_config=self.config.disk, disk_state=self.admission.state,
             disk_fresh=self.admission.fresh(now), reserved_bytes=self.admission.reserved_bytes(),
-            refusal=self.admission.refusal(now), last_hour=self.recent.last_hour(now),
+            refusal=self.admission.explain(now), last_hour=self.recent.last_hour(now),
             title_mismatches=list(self.recent.title_mismatches),
             db_busy_since=health.busy_since, db_error=health.error,
             pending_writes=self.leases.pending_writes() if health.busy_since is not None else 0)

@@ -46,3 +46,38 @@ def test_enqueue_without_a_selection_warns_that_the_episodes_will_wait(make_syst
     more = system.run("anime-enqueue", "-c", str(system.config_path), "--mal-id", "5114",
                       "--title", "Fullmetal Alchemist: Brotherhood", "--episodes", "4")
     assert more.returncode == 0 and more.stderr == "", more.stderr
+
+
+def near_pause(usage_bytes: int) -> dict:
+    """A disk budget of a few MB whose storage already holds ``usage_bytes`` of video."""
+    return {"disk_management": {"hard_limit_gb": 0.010, "pause_threshold_gb": 0.006,
+                                "resume_threshold_gb": 0.005, "expected_episode_size_mb": 1,
+                                "min_free_gb": 0.001}}
+
+
+def fill_storage(system: System, size: int) -> None:
+    videos = system.storage / "videos" / "1" / "episodes"
+    videos.mkdir(parents=True)
+    (videos / "ep001.mkv").write_bytes(b"\0" * size)
+
+
+def test_a_dry_run_near_the_pause_threshold_runs_every_job_and_exits(make_system) -> None:
+    """--dry-run downloads nothing, so the disk budget must not hold it back: with the
+    storage past the pause threshold every queued job is still shown and
+    --exit-when-done exits with the summary (on main: every worker paused, no exit)."""
+    system = make_system(near_pause(7_000_000))
+    fill_storage(system, 7_000_000)  # past pause_threshold_gb: the disk-watcher says paused
+    # an earlier real run identified the storage (a dry run writes not even its marker)
+    first = system.run("anime-downloader", "-c", str(system.config_path), "-w", "1",
+                       "--exit-when-done", timeout=60)
+    assert first.returncode == 0, first.stderr[-3000:]
+    system.enqueue(5114, "Fullmetal Alchemist: Brotherhood", [1, 2, 3], selected_index=2)
+    done = system.run("anime-downloader", "-c", str(system.config_path), "-w", "2", "--dry-run",
+                      "--exit-when-done", timeout=60)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "dry_run_would_download=3" in done.stdout, done.stdout
+    assert "disk state state=paused" in system.log("disk-watcher"), system.log("disk-watcher")
+    argv_lines = [line for line in done.stderr.splitlines()
+                  if line.startswith("worker_") and "dry run: would run" in line]
+    assert len(argv_lines) == 3, done.stderr[-3000:]
+    assert system.stages() == {"queued": 3}  # nothing changed
