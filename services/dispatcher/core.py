@@ -45,7 +45,7 @@ from services.dispatcher.effects import Effects
 from services.dispatcher.endings import Endings
 from services.dispatcher.handout import Handout
 from services.dispatcher.leases import REQUEUE, Ending, LeaseTable, owner_worker_id
-from services.dispatcher.recent import Recent
+from services.dispatcher.recent import HOUR, Recent
 from services.dispatcher.reports import Reports
 from services.dispatcher.retries import RetryPolicy
 from services.dispatcher.sessions import Sessions, always_connected
@@ -121,6 +121,7 @@ class Dispatcher:
         try:
             store.open()
             sizes = store.recent_sizes()
+            landings = store.landings_since(now - HOUR)
             rows = store.leases()
             jobs = {row.id: store.get(row.id) for row in rows}
             live = store.live_job_ids() if dirs is not None else set()
@@ -130,6 +131,7 @@ class Dispatcher:
         self.db.health.busy_since, self.db.health.error = None, None
         for size_row in reversed(sizes):
             self.admission.record_size(*size_row)
+        self.recent.landed_before(landings)  # the last hour counts from the database
         self.handout.readopt_at_start(rows, jobs, now)
         self.effects.poll_storage(now)
         if dirs is not None:
