@@ -218,3 +218,10 @@ def render_text(status: dict) -> str:
     lines += _failures(status.get("recent_failures") or [], now)
     lines += _mismatches(status.get("title_mismatches") or [], now)
     return "\n".join(clip(line) for line in lines)
+
+
+def render_queue_from_database(q: dict, db_path: str, now: float) -> str:
+    """The queue lines alone, as read from jobs.db while no dispatcher answers (anime-status)."""
+    lines = [f"from {db_path} (read-only: the dispatcher is not answering) at {clock(now)}"]
+    lines += _queue(q, now)
+    return "\n".join(clip(line) for line in lines)

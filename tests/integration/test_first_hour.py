@@ -7,9 +7,16 @@ reaches the running instance."""
 
 from __future__ import annotations
 
+import json
+import signal
+import sqlite3
+import subprocess
+import time
+
 import pytest
 
-from tests.system import System
+from shared.models import CONTRACT_DDL
+from tests.system import System, wait_for
 
 
 @pytest.fixture
@@ -81,3 +88,75 @@ def test_a_dry_run_near_the_pause_threshold_runs_every_job_and_exits(make_system
                   if line.startswith("worker_") and "dry run: would run" in line]
     assert len(argv_lines) == 3, done.stderr[-3000:]
     assert system.stages() == {"queued": 3}  # nothing changed
+
+
+def counted_bytes_catalog(system: System) -> None:
+    """The simulated ani-cli writing counted bytes, not a video: what a user's own setup
+    got from it before the recipe (every episode fails verification)."""
+    catalog = {"defaults": {"size": 4096, "duration": 0.0}, "anime": []}
+    system.add_anime(catalog, "Cowboy Bebop", [{"title": "Cowboy Bebop", "episodes": 2}])
+    system.write_catalog(catalog)
+    system.enqueue(1, "Cowboy Bebop", [1, 2], selected_index=1)
+
+
+def status_text(system: System, *args: str) -> subprocess.CompletedProcess:
+    return system.run("anime-status", "-c", str(system.config_path), *args, timeout=30)
+
+
+def test_status_says_why_jobs_back_off_and_reads_the_database_when_nothing_answers(
+        make_system) -> None:
+    system = make_system({"downloader": {"verify": True, "container": "mkv",
+                                         "retry_backoff_seconds": 60}})
+    counted_bytes_catalog(system)
+    launcher = system.start_supervisord(2)
+    wait_for(lambda: system.stages().get("queued") == 2 and all(
+        j["retry_count"] == 1 for j in system.jobs()), 60, "both episodes to fail verification once")
+
+    def shown() -> str | None:
+        text = status_text(system).stdout
+        return text if "backing off: 2 x" in text else None
+    text = wait_for(shown, 20, "anime-status to say why the jobs back off")
+    joined = " ".join(line.strip() for line in text.splitlines())
+    assert "backing off: 2 x Downloaded file is not a playable video" in joined, text
+    assert "moov atom not found" in joined, text
+    assert "2 back off (next retry " in joined, text
+
+    launcher.send_signal(signal.SIGINT)  # Ctrl-C
+    assert launcher.wait(timeout=60) == 0
+    db_bytes, db_mtime = system.db_path.read_bytes(), system.db_path.stat().st_mtime_ns
+    done = status_text(system, "--timeout", "0.5")
+    assert done.returncode == 1
+    assert "no answer from the dispatcher" in done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith(f"from {system.db_path} (read-only: the dispatcher is not answering)")
+    assert lines[1].startswith("queue      2 queued, 0 downloading, 0 downloaded, 0 failed"), lines
+    assert "backing off: 2 x Downloaded file is not a playable video" in done.stdout
+    as_json = json.loads(status_text(system, "--timeout", "0.5", "--json").stdout)
+    assert as_json["dispatcher"] is None and as_json["source"]["read_only"] is True
+    assert as_json["queue"]["queued"] == 2 and as_json["queue"]["backing_off"] == 2
+    # read-only: the file is as it was (neither written nor touched)
+    assert system.db_path.read_bytes() == db_bytes
+    assert system.db_path.stat().st_mtime_ns == db_mtime
+
+
+def test_status_from_a_locked_database_gives_up_after_a_bounded_wait(make_system) -> None:
+    """A database another program holds locked (rollback journal, an exclusive lock) is
+    waited for about a second, then named: never a hang."""
+    system = make_system()
+    system.data.mkdir(parents=True)
+    conn = sqlite3.connect(system.db_path, isolation_level=None)
+    for ddl in CONTRACT_DDL:
+        conn.execute(ddl)
+    conn.execute("INSERT INTO jobs (anime_id, anime_title, episode, stage) VALUES (1, 'A', 1, 'queued')")
+    conn.execute("BEGIN EXCLUSIVE")
+    try:
+        started = time.monotonic()
+        done = status_text(system, "--timeout", "0.3")
+        elapsed = time.monotonic() - started
+    finally:
+        conn.execute("ROLLBACK")
+        conn.close()
+    assert done.returncode == 1
+    assert done.stdout.strip() == f"from the database (read-only): cannot read {system.db_path}: " \
+                                  "locked by another program"
+    assert elapsed < 10, elapsed
