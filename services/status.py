@@ -65,7 +65,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "anime-downloader. Exits 1 if nothing answers (usable as a health check).")
     parser.add_argument("-c", "--config", default="config.toml", help="config file (default: %(default)s)")
     parser.add_argument("--json", action="store_true",
-                        help="print one JSON object (shape: README); with --watch, one per line")
+                        help="print one JSON object (keys: docs/status-json.md); with --watch, one per line")
     parser.add_argument("--watch", nargs="?", const=2.0, type=float, metavar="SECONDS",
                         help="refresh every SECONDS (default 2) until Ctrl-C")
     parser.add_argument("--timeout", type=float, default=2.0, metavar="SECONDS",

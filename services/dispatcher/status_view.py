@@ -1,4 +1,4 @@
-"""The status document served to ``anime-status`` (shape documented in README.md, "Seeing what it is doing").
+"""The status document served to ``anime-status`` (shape documented in docs/status-json.md).
 
 Built from a ``StatusSnapshot`` (snapshot.py) of what the dispatcher keeps in memory,
 never from a query per request: the stage counts, the queue detail and the recent

@@ -8,6 +8,7 @@ reaches the running instance."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import sqlite3
 import subprocess
@@ -160,3 +161,23 @@ def test_status_from_a_locked_database_gives_up_after_a_bounded_wait(make_system
     assert done.stdout.strip() == f"from the database (read-only): cannot read {system.db_path}: " \
                                   "locked by another program"
     assert elapsed < 10, elapsed
+
+
+def test_a_budget_refusal_names_the_usage_and_the_expected_size(make_system) -> None:
+    """Not "in-flight reservations would pass pause_threshold_gb" while nothing is
+    reserved: what is used, what the next episode would add, the threshold."""
+    system = make_system(near_pause(5_500_000))
+    fill_storage(system, 5_500_000)  # below the pause threshold, but 1 MB more would pass it
+    system.enqueue(5114, "Fullmetal Alchemist: Brotherhood", [1], selected_index=1)
+    system.start_supervisord(1)
+
+    def refusal() -> str | None:
+        answer = status_text(system, "--json")
+        return json.loads(answer.stdout)["disk"]["refusal"] if answer.returncode == 0 else None
+    text = wait_for(lambda: (r := refusal()) and "would pass" in r and r, 20,
+                    "the dispatcher to refuse the download for the budget")
+    assert re.fullmatch(r"usage 5\.[5-9] MB \+ expected 1\.0 MB would pass pause_threshold_gb "
+                        r"6\.0 MB", text), text
+    shown = " ".join(status_text(system).stdout.split())
+    assert f"not starting downloads: {text}" in shown, shown
+    assert system.stages() == {"queued": 1}

@@ -263,3 +263,15 @@ def test_the_repos_own_supervisord_conf_uses_the_socket_that_supervisorctl_finds
     conf.read(REPO / "supervisord.conf")
     socket = conf.get("unix_http_server", "file").replace("%(here)s", str(REPO))
     assert Path(socket) == load_config(REPO / "config.toml").run_dir / "supervisor.sock"
+
+
+def anchor(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces to dashes."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_link_inside_the_readme_leads_to_a_heading() -> None:
+    text = README.read_text()
+    headings = {anchor(h) for h in re.findall(r"^#{1,6} (.+)$", FENCED.sub("", text), re.M)}
+    links = set(re.findall(r"\]\(#([^)]+)\)", text))
+    assert links and links <= headings, sorted(links - headings)

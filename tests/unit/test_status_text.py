@@ -26,7 +26,7 @@ from tests.system import render_toml
 GB = 1000**3
 NOW = 1_800_000_000.0
 
-# The documented shape (README.md ("Seeing what it is doing")): these keys are stable.
+# The documented shape (docs/status-json.md): these keys are stable.
 QUEUE_KEYS = {"queued", "downloading", "downloaded", "failed", "waiting_for_selection",
               "backing_off", "next_retry_at"}
 WORKER_KEYS = {"id", "state", "job"}
@@ -239,7 +239,7 @@ def test_the_document_has_the_documented_shape_and_worker_states(dispatcher: Dis
 
     s = served(d, t + 2)
     assert QUEUE_KEYS <= set(s["queue"]) and DISK_KEYS <= set(s["disk"])
-    # Exactly the keys of the example in README.md ("Seeing what it is doing") (sample() mirrors
+    # Exactly the keys of the example in docs/status-json.md (sample() mirrors
     # it), and "database" (README, "The database contract").
     doc = sample()
     assert set(s) == set(doc)
