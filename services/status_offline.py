@@ -53,8 +53,8 @@ def read_queue(db_path: Path, now: float, busy_seconds: float = BUSY_SECONDS) ->
                 f"SELECT COUNT(*), MIN(j.next_attempt_at) {backing}", (now,)).fetchone()
             if backing_off:
                 reasons = top_reasons(conn.execute(
-                    f"SELECT j.error_message, j.next_attempt_at {backing} "
-                    "ORDER BY j.next_attempt_at LIMIT 1000", (now,)).fetchall())
+                    f"SELECT j.error_message, COUNT(*), MIN(j.next_attempt_at) {backing} "
+                    "GROUP BY j.error_message", (now,)).fetchall())
     except sqlite3.OperationalError as exc:
         why = "locked by another program" if "locked" in str(exc) or "busy" in str(exc) else str(exc)
         raise Unreadable(f"cannot read {db_path}: {why}") from None

@@ -23,15 +23,16 @@ def reason_of(error: str | None) -> str:
     return text if len(text) <= REASON_CHARS else text[: REASON_CHARS - 3] + "..."
 
 
-def top_reasons(rows: Iterable[tuple[str | None, float | None]], top: int = TOP) -> list[dict]:
-    """``(error_message, next_attempt_at)`` of the jobs backing off -> the most common
-    reasons, most first: ``{"reason", "count", "next_retry_at"}`` (the soonest retry of
-    those jobs)."""
+def top_reasons(rows: Iterable[tuple[str | None, int, float | None]], top: int = TOP) -> list[dict]:
+    """``(error_message, jobs, soonest next_attempt_at)`` per distinct message of the jobs
+    backing off (``GROUP BY error_message``) -> the most common reasons, most first:
+    ``{"reason", "count", "next_retry_at"}``. Messages that differ only past what
+    ``reason_of`` keeps (the lines in between) count as one reason."""
     groups: dict[str, dict] = {}
-    for error, retry_at in rows:
+    for error, jobs, retry_at in rows:
         reason = reason_of(error)
         group = groups.setdefault(reason, {"reason": reason, "count": 0, "next_retry_at": None})
-        group["count"] += 1
+        group["count"] += int(jobs or 0)
         if retry_at is not None and (group["next_retry_at"] is None or retry_at < group["next_retry_at"]):
             group["next_retry_at"] = retry_at
     ranked = sorted(groups.values(), key=lambda g: (-g["count"], g["next_retry_at"] or 0.0))
