@@ -7,7 +7,8 @@ config (paths under its root_dir, ``-w`` workers, the options passed to the
 services) into ``<root_dir>/run/supervisord.conf``, starts ``supervisord -n`` and
 follows the services' log files to the terminal, in time order. With
 ``--exit-when-done`` it stops everything once the dispatcher reports that no
-runnable job is left.
+runnable job is left. ``--supervisorctl ARGS`` starts nothing: it runs supervisorctl
+against the supervisord already running for the config (its socket in ``run/``).
 
 Nothing it starts outlives it. supervisord runs in its own session, so the
 terminal's Ctrl-C and hang-up reach only the launcher (supervisord takes SIGHUP

@@ -172,7 +172,9 @@ def test_your_own_setup_with_the_simulated_ani_cli_as_the_readme_says(system) ->
     # what the user watched: the status, the programs, the episodes
     assert "anime-downloader at " in watched.stdout
     assert "3 downloaded, 0 failed" in watched.stdout, watched.stdout
-    for program in ("disk-watcher", "dispatcher", "web", "worker:worker_01"):
+    # (not "web": the README's config listens on the fixed 127.0.0.1:8766, which another
+    # installation on this machine may hold; the next test checks it on a free port)
+    for program in ("disk-watcher", "dispatcher", "worker:worker_01", "worker:worker_05"):
         assert re.search(rf"^{re.escape(program)}\s+RUNNING", watched.stdout, re.M), watched.stdout
     assert all(name in watched.stdout.split() for name in EPISODES), watched.stdout
     # real, playable episodes, remuxed as the defaults say, none retried
