@@ -157,7 +157,7 @@ class JobAssign(Message):
     dry_run: bool = False
     # Retries counted so far: attempt - 1 - retry_count earlier attempts ended without
     # counting one (stops, full disk...). The worker caps how many stops it cannot prove
-    # were stops may go uncounted (services/worker/agent.py).
+    # were stops may go uncounted (services/worker/verdict.py).
     retry_count: int = 0
     # The id in the storage's marker (shared/storage.py): the worker writes nothing unless
     # storage_dir holds it, also on another machine that cannot read the installation's

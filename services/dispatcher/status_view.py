@@ -19,7 +19,7 @@ from services.dispatcher.snapshot import StatusSnapshot
 
 #: The worker states of the document; anything else a worker reports maps onto these.
 WORKER_STATES = ("idle", "paused", "downloading", "verifying", "stopping")
-#: The attempt phases of a worker (services/worker/attempt.py) after ani-cli has exited.
+#: The attempt phases of a worker (services/worker/held_job.py) after ani-cli has exited.
 _AFTER_DOWNLOAD = ("verifying", "awaiting_commit", "reporting")
 
 

@@ -26,8 +26,9 @@ from typing import Callable, TypeVar
 import peewee
 
 from shared import models
-from shared.reasons import top_reasons
+from shared.lifecycle import kv
 from shared.models import STAGE_DOWNLOADED, STAGE_DOWNLOADING, STAGE_FAILED, STAGE_QUEUED, Job
+from shared.reasons import top_reasons
 
 log = logging.getLogger(__name__)
 # How long one statement may wait for a neighbour's write lock while the loop runs: the
@@ -137,7 +138,7 @@ class SqlJobStore:
         models.ensure_wal(self.db)
         added = models.upgrade_schema(self.db)
         if added:
-            log.info("database upgraded path=%s added_columns=%s", self.db_path, ",".join(added))
+            log.info(kv("database upgraded", path=self.db_path, added_columns=",".join(added)))
 
     def close(self) -> None:
         if self.db is not None:

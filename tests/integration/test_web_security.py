@@ -24,7 +24,9 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.integration.test_remote_workers import REMOTE_IP, SERVER_IP, Machines, output, spawn_in
+# machines: the fixture of a second machine (a network namespace), shared with the CURVE tests
+from tests.integration.test_remote_workers import (REMOTE_IP, SERVER_IP, machines,  # noqa: F401
+                                                  output, spawn_in)
 from tests.system import System, wait_for
 
 PASSWORD = "correct horse battery staple"
@@ -74,17 +76,6 @@ def test_an_address_other_hosts_reach_needs_a_password(make_system, listen):
             f"{program}: {system.config_path}: [web] listen: {listen} is reachable from other "
             "hosts; set [web] password or api_key, or listen on 127.0.0.1:8766\n")
     assert not (system.data / "run" / "supervisord.conf").exists()
-
-
-@pytest.fixture
-def machines():
-    m = Machines()
-    why = m.create()
-    if why:
-        m.delete()
-        pytest.skip(f"network namespaces are not permitted here, so no second machine: {why}")
-    yield m
-    m.delete()
 
 
 # On the other machine: each request, and what came back (status, challenge).

@@ -23,7 +23,7 @@ from services.worker.attempt import Attempt
 from services.worker.core import WorkerCore
 from shared.config import load_config
 from shared.protocol import REASON_NO_SPACE, REASON_TIMEOUT, DiskStateMsg, JobAssign
-from tests.system import render_toml, wait_for
+from tests.system import mount_tmpfs, render_toml, unmount, wait_for
 
 SLOW_TOOL = """#!/bin/sh
 echo $$ >> "$FAKE_TOOL_PIDS"
@@ -160,12 +160,9 @@ def test_stop_post_before_a_tool_starts_stops_it_too(tmp_path: Path, slow_tools:
 def small_tmpfs(tmp_path: Path):
     disk = tmp_path / "disk"
     disk.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
+    mount_tmpfs(disk, "1m")
     yield disk
-    subprocess.run(["umount", "-l", str(disk)], check=False)
+    unmount(disk)
 
 
 @pytest.mark.skipif(video.find_ffmpeg() is None, reason="needs ffmpeg (PATH or imageio-ffmpeg)")
