@@ -64,13 +64,18 @@ class Reader:
         self.env.update(HOME=str(self.home), PATH=os.pathsep.join(path))
         self.cwd = REPO  # "From the clone"
         self.blocks = marked_blocks()
+        self.fresh = (dict(self.env), self.home)  # a new terminal: this env, in HOME
 
     def text(self, name: str) -> str:
         return self.blocks[name][1].replace(CLONE, str(REPO)).replace(DISK, str(self.disk))
 
-    def shell(self, name: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        """Run block ``name`` in bash; keep its environment and directory."""
+    def shell(self, name: str, timeout: float = 60, new_terminal: bool = False
+              ) -> subprocess.CompletedProcess:
+        """Run block ``name`` in bash; keep its environment and directory. In a
+        ``new_terminal``: from the login environment, in HOME."""
         assert self.blocks[name][0] == "bash", name
+        if new_terminal:
+            self.env, self.cwd = dict(self.fresh[0]), self.fresh[1]
         state = self.home / ".readme-test-state"
         script = f"set -e\n{self.text(name)}\nenv -0 > {shlex.quote(str(state))}.env\n" \
                  f"pwd > {shlex.quote(str(state))}.pwd\n"
@@ -160,7 +165,7 @@ def test_your_own_setup_with_the_simulated_ani_cli_as_the_readme_says(system) ->
                                     capture_output=True, text=True, timeout=30)
             return answer.returncode == 0 and json.loads(answer.stdout)["queue"]["downloaded"] == 3
         wait_for(counted, 10, "anime-status to count the three episodes")
-        watched = user.shell("watch")
+        watched = user.shell("watch", new_terminal=True)  # "from another terminal"
     finally:
         os.killpg(launcher.pid, signal.SIGINT)  # "Stop with Ctrl-C"
         code = launcher.wait(timeout=60)
