@@ -89,8 +89,20 @@ def _queue(q: dict, now: float | None) -> list[str]:
         retry = f" (next retry {clock(q['next_retry_at'], now)})" if q.get("next_retry_at") else ""
         lines += _packed([f"{waiting} wait for a selection", f"{backing} back off{retry}"],
                          "of which ")
+    lines += _backoff_reasons(q.get("backoff_reasons") or [], now)
     if q.get("other_stages"):
         lines += _packed([f"{k} {v}" for k, v in sorted(q["other_stages"].items())], "other stages: ")
+    return lines
+
+
+def _backoff_reasons(reasons: list[dict], now: float | None) -> list[str]:
+    """Why jobs back off: each reason with its count and soonest retry, wrapped."""
+    lines = []
+    for r in reasons:
+        retry = f" (next retry {clock(r['next_retry_at'], now)})" if r.get("next_retry_at") else ""
+        lines += [_more(part) for part in textwrap.wrap(
+            f"backing off: {r.get('count', 0)} x {r.get('reason') or '?'}{retry}",
+            WIDTH - LABEL, subsequent_indent="  ")]
     return lines
 
 
@@ -205,4 +217,11 @@ def render_text(status: dict) -> str:
                                      f"{human_bytes(hour.get('average_size_bytes'))}"))
     lines += _failures(status.get("recent_failures") or [], now)
     lines += _mismatches(status.get("title_mismatches") or [], now)
+    return "\n".join(clip(line) for line in lines)
+
+
+def render_queue_from_database(q: dict, db_path: str, now: float) -> str:
+    """The queue lines alone, as read from jobs.db while no dispatcher answers (anime-status)."""
+    lines = [f"from {db_path} (read-only: the dispatcher is not answering) at {clock(now)}"]
+    lines += _queue(q, now)
     return "\n".join(clip(line) for line in lines)

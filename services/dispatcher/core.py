@@ -45,7 +45,7 @@ from services.dispatcher.effects import Effects
 from services.dispatcher.endings import Endings
 from services.dispatcher.handout import Handout
 from services.dispatcher.leases import REQUEUE, Ending, LeaseTable, owner_worker_id
-from services.dispatcher.recent import Recent
+from services.dispatcher.recent import HOUR, Recent
 from services.dispatcher.reports import Reports
 from services.dispatcher.retries import RetryPolicy
 from services.dispatcher.sessions import Sessions, always_connected
@@ -79,7 +79,8 @@ class Dispatcher:
         self.leases = LeaseTable()
         self.sessions = Sessions(config.queue.lease_seconds, connected)
         self.admission = Admission(config.disk, peak_factor=peak_factor(config.downloader),
-                                   ignore_storage=self.options.dry_run)
+                                   ignore_storage=self.options.dry_run,
+                                   dry_run=self.options.dry_run)
         self.disk = DiskHooks(self.admission)
         self.counts = QueueCounts()
         self.recent = Recent()
@@ -120,6 +121,7 @@ class Dispatcher:
         try:
             store.open()
             sizes = store.recent_sizes()
+            landings = store.landings_since(now - HOUR)
             rows = store.leases()
             jobs = {row.id: store.get(row.id) for row in rows}
             live = store.live_job_ids() if dirs is not None else set()
@@ -129,6 +131,7 @@ class Dispatcher:
         self.db.health.busy_since, self.db.health.error = None, None
         for size_row in reversed(sizes):
             self.admission.record_size(*size_row)
+        self.recent.landed_before(landings)  # the last hour counts from the database
         self.handout.readopt_at_start(rows, jobs, now)
         self.effects.poll_storage(now)
         if dirs is not None:
@@ -293,7 +296,7 @@ class Dispatcher:
             workers=[(seen, by_owner.get(identity)) for identity, seen in workers],
             disk_config=self.config.disk, disk_state=self.admission.state,
             disk_fresh=self.admission.fresh(now), reserved_bytes=self.admission.reserved_bytes(),
-            refusal=self.admission.refusal(now), last_hour=self.recent.last_hour(now),
+            refusal=self.admission.explain(now), last_hour=self.recent.last_hour(now),
             title_mismatches=list(self.recent.title_mismatches),
             db_busy_since=health.busy_since, db_error=health.error,
             pending_writes=self.leases.pending_writes() if health.busy_since is not None else 0)

@@ -34,6 +34,7 @@ class QueueCounts:
         self.failures: list[dict] = []
         self.counted_at = -1e18
         self.queue_empty = False  # the last claim found nothing runnable
+        self._claimed_for_retry: float | None = None  # the backoff end a claim was tried for
         self.no_selection_logged: set[int] = set()
         self._dirty = True
         self._external = False
@@ -52,10 +53,12 @@ class QueueCounts:
         if not self.queue_empty:
             return False
         retry_at = self.detail.get("next_retry_at")
-        if retry_at is None or now < retry_at:
+        if retry_at is None or now < retry_at or retry_at == self._claimed_for_retry:
             return True
-        self.queue_empty = False  # a backoff ran out since the queue looked empty
-        self.detail["next_retry_at"] = None
+        # A backoff ran out since the queue looked empty: one claim for it. The status
+        # keeps showing that retry time until the next count (within a second) moves on.
+        self.queue_empty = False
+        self._claimed_for_retry = retry_at
         return False
 
     def refresh(self, db: Database, now: float, force: bool = False) -> bool:

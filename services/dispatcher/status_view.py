@@ -1,4 +1,4 @@
-"""The status document served to ``anime-status`` (shape documented in README.md, "Seeing what it is doing").
+"""The status document served to ``anime-status`` (shape documented in docs/status-json.md).
 
 Built from a ``StatusSnapshot`` (snapshot.py) of what the dispatcher keeps in memory,
 never from a query per request: the stage counts, the queue detail and the recent
@@ -42,6 +42,7 @@ def _queue(s: StatusSnapshot) -> dict:
         "waiting_for_selection": detail.get("waiting_for_selection", 0),
         "backing_off": detail.get("backing_off", 0),
         "next_retry_at": detail.get("next_retry_at"),
+        "backoff_reasons": list(detail.get("backoff_reasons") or []),
         "other_stages": {k: v for k, v in counts.items() if k not in OWN_STAGES},
         "counted_at": s.counted_at if s.counted_at > 0 else None,
     }
