@@ -20,7 +20,7 @@ from services.dispatcher.admission import Admission
 from services.dispatcher.counts import QueueCounts
 from services.dispatcher.db_health import Database
 from services.dispatcher.disk_hooks import DiskHooks
-from services.dispatcher.leases import (DISPATCHER, FAIL, LAND, REQUEUE, Ending, Lease,
+from services.dispatcher.leases import (CANCEL, DISPATCHER, FAIL, LAND, REQUEUE, Ending, Lease,
                                         LeaseTable, owner_worker_id)
 from services.dispatcher.recent import Recent
 from services.dispatcher.retries import RetryPolicy
@@ -84,10 +84,14 @@ class Endings:
             elif e.kind == FAIL:
                 ok = self.db.write(now, store.mark_failed, job.id, job.attempt,
                                    e.error or "failed", now)
+            elif e.kind == CANCEL:
+                ok = self.db.write(now, store.mark_cancelled, job.id, job.attempt, now)
             else:
+                not_before = self.retries.not_before(job.id, e, now)
+                if e.hold_seconds > 0:
+                    not_before = max(not_before or 0.0, now + e.hold_seconds)
                 stage = self.db.write(now, store.requeue, job.id, job.attempt, e.count_retry,
-                                      e.error, self.retries.backoff_at(now), now,
-                                      self.retries.not_before(job.id, e, now))
+                                      e.error, self.retries.backoff_at(now), now, not_before)
                 ok = stage is not None
         except StoreUnavailable:
             return False
@@ -95,7 +99,12 @@ class Endings:
             self.changed_elsewhere(lease, now)
             return True
         self._drop(lease, now)
-        {LAND: self._landed, FAIL: self._failed, REQUEUE: self._requeued}[e.kind](lease, stage, now)
+        {LAND: self._landed, FAIL: self._failed, REQUEUE: self._requeued,
+         CANCEL: self._cancelled}[e.kind](lease, stage, now)
+        if e.stop_worker is not None and lease.owner != DISPATCHER and not lease.unowned:
+            self.outbox.append((lease.owner, JobCancel(job_id=job.id, attempt=job.attempt,
+                                                       reason=e.stop_worker,
+                                                       keep_partials=e.keep_partials)))
         return True
 
     def _drop(self, lease: Lease, now: float) -> None:
@@ -129,11 +138,18 @@ class Endings:
         self.settlement.cleanup(lease.job.id)
         log.error(kv("failed", **context(lease), error=lease.ending.error))
 
+    def _cancelled(self, lease: Lease, stage: str | None, now: float) -> None:
+        """Cancelled by the operator: the worker deletes its partial files (JobCancel);
+        a directory no attempt holds any more is removed here."""
+        self.retries.forget(lease.job.id)
+        self.settlement.cleanup_if_free(lease.job.id)
+        log.warning(kv("cancelled", **context(lease), source=lease.ending.source or None))
+
     def _requeued(self, lease: Lease, stage: str | None, now: float) -> None:
         e, job = lease.ending, lease.job
         assert e is not None
         self.retries.requeued(job.id, e, stage)
-        ctx = dict(context(lease), reason=e.reason or None)
+        ctx = dict(context(lease), reason=e.reason or None, source=e.source or None)
         if stage == STAGE_FAILED:
             self.settlement.cleanup(job.id)
             log.error(kv("failed after retries", error=e.error, **ctx))

@@ -219,15 +219,16 @@ class WebServer:
 
     def __init__(self, config: Config, controls: ctl.ControlClient | None = None) -> None:
         self.config = config
-        self.controls = controls or ctl.NoControlEndpoint()
         self.endpoint = config.zmq.status
         self.listener = listen(config)  # here, so a refusal is the one-line exit of run_service
         self.sockets = Sockets(config)
-        try:  # a remote status endpoint without CURVE keys: exit 2 now, not at each request
-            self.sockets.connect(zmq.DEALER, self.endpoint).close(linger=0)
+        try:  # a remote status or control endpoint without CURVE keys: exit 2 now
+            for endpoint in (self.endpoint, config.zmq.control):
+                self.sockets.connect(zmq.DEALER, endpoint).close(linger=0)
         except ConfigError:
             self.close()
             raise
+        self.controls = controls or ctl.ZmqControlClient(self.sockets, config.zmq.control)
 
     def close(self) -> None:
         self.sockets.close()
@@ -264,7 +265,7 @@ class WebServer:
             await web.SockSite(runner, self.listener).start()
             url = listen_url(self.listener)
             log.info(kv("listening", url=url, auth=self._auth_kind(), status_endpoint=self.endpoint,
-                        pid=os.getpid()))
+                        control_endpoint=self.config.zmq.control, pid=os.getpid()))
             if not stop.requested:
                 await stopping.wait()
             log.info(kv("stopping", signals=stop.count))
