@@ -265,10 +265,11 @@ class Controls:
         skipped = {job_id: stage for job_id, stage in named.items() if job_id not in done}
         if skipped:
             result["not_retried"] = {str(k): v for k, v in sorted(skipped.items())}
-            what += "; not retried: " + ", ".join(f"job {k} is {v}" for k, v in sorted(skipped.items()))
+            why = "not retried: " + ", ".join(f"job {k} is {v}" for k, v in sorted(skipped.items()))
             if not done:
-                return _fail(CONFLICT, what + " (only failed jobs and jobs backing off are retried)",
-                             **result)
+                return _fail(CONFLICT, f"{why} (only failed jobs and jobs backing off are "
+                                       "retried)", **result)
+            what += f"; {why}"
         if msg.anime_id is not None:
             what += f" (MAL ID {msg.anime_id})"
         return _reply(True, what, **result)
@@ -358,6 +359,6 @@ class Controls:
             text += f", {human_bytes(share)}/s per download"
         if restarted:
             text += (f"; {len(restarted)} running download{'s' if len(restarted) != 1 else ''} "
-                     "restart at the new rate from their partial files")
+                     "restarted at the new rate, resuming from the partial files")
         return _reply(True, text, total_mbps=msg.mbps, was_mbps=was, per_download_bps=share,
                       restarted=sorted(restarted))

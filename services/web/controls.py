@@ -24,6 +24,7 @@ __all__ = ["COMMANDS", "PRIORITY_NAMES", "BadArgument", "duration_seconds", "par
            "ControlClient", "ControlsUnavailable", "NoControlEndpoint", "ZmqControlClient"]
 NOT_AVAILABLE = "controls not available yet"
 CONTROL_TIMEOUT = 5.0  # a pause --now writes one row per running download: still quick
+CONNECT_SECONDS = 1.0  # a local endpoint connects in milliseconds; nothing there: say so
 
 
 class ControlsUnavailable(Exception):
@@ -57,7 +58,9 @@ class ZmqControlClient:
         self.timeout = timeout
 
     def _socket(self) -> tuple[zmq.asyncio.Socket, zmq.Socket]:
-        plain = self.sockets.connect(zmq.DEALER, self.endpoint)  # checks, options, connect
+        # IMMEDIATE: nothing is queued for a dispatcher that is not there, so a stopped one
+        # is known within CONNECT_SECONDS instead of the whole timeout
+        plain = self.sockets.connect(zmq.DEALER, self.endpoint, immediate=True)
         return zmq.asyncio.Socket.from_socket(plain), plain
 
     async def send(self, command: str, fields: dict) -> dict:
@@ -66,12 +69,14 @@ class ZmqControlClient:
         msg = request(command, fields, source)
         sock, plain = self._socket()
         try:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.timeout
+            if not await sock.poll(min(CONNECT_SECONDS, self.timeout) * 1000, zmq.POLLOUT):
+                raise ControlsUnavailable(self._silent(min(CONNECT_SECONDS, self.timeout)))
             try:
                 await sock.send_multipart(encode(msg), zmq.NOBLOCK)
             except zmq.Again:
                 raise ControlsUnavailable(self._silent()) from None
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + self.timeout
             while (left := deadline - loop.time()) > 0:
                 if not await sock.poll(left * 1000):
                     break
@@ -85,6 +90,6 @@ class ZmqControlClient:
         finally:
             plain.close(linger=0)
 
-    def _silent(self) -> str:
-        return (f"no answer from the dispatcher at {self.endpoint} within {self.timeout:g}s "
-                "(is anime-downloader running?)")
+    def _silent(self, seconds: float | None = None) -> str:
+        return (f"no answer from the dispatcher at {self.endpoint} within "
+                f"{self.timeout if seconds is None else seconds:g}s (is anime-downloader running?)")
