@@ -88,6 +88,10 @@ class ZmqControlClient:
                     return {"ok": reply.ok, "message": reply.message, "result": dict(reply.result)}
             raise ControlsUnavailable(self._silent())
         finally:
+            # Closed through the asyncio wrapper: it removes its reader of ZMQ_FD from the
+            # loop first (a descriptor number left registered would steal the events of
+            # the next HTTP connection that gets that number).
+            sock.close(linger=0)
             plain.close(linger=0)
 
     def _silent(self, seconds: float | None = None) -> str:

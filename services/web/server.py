@@ -201,7 +201,7 @@ class WebApp:
         except ctl.ControlsUnavailable as exc:
             return _reply(False, str(exc), "unavailable", 503)
         log.info(kv("control request", command=command, source=fields["source"],
-                    ok=reply.get("ok"), message=reply.get("message")))
+                    ok=reply.get("ok"), answer=reply.get("message")))
         error = (reply.get("result") or {}).get("error")
         status = 200 if reply.get("ok") else 400 if error == "bad_argument" else 409
         return _json(reply, status)
