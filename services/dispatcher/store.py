@@ -106,7 +106,8 @@ class LeaseRow:
 
 # The claim, in one statement. The head of the queue is the runnable job of the highest
 # priority, oldest first (idx_jobs_claim); the job handed out is that anime's lowest
-# runnable episode of the same priority (idx_jobs_anime_claim), so a series enqueued out
+# runnable episode of the same priority (idx_jobs_anime_claim, whose rows of one episode
+# are in id order), so a series enqueued out
 # of order still downloads in order. Both walk an index from its start and stop at the
 # first runnable row: cheap at 100,000 queued jobs (bench/queue_scale.py --priorities).
 _RUNNABLE = "j.stage = 'queued' AND (j.next_attempt_at IS NULL OR j.next_attempt_at <= ?)"
@@ -119,10 +120,11 @@ WHERE id = (
         JOIN anime_selection_cache s ON s.mal_id = j.anime_id
         WHERE {_RUNNABLE} {{anime_filter}}
         ORDER BY j.priority DESC, j.id LIMIT 1)
-    SELECT j.id FROM head JOIN jobs j ON j.anime_id = head.anime_id
-    WHERE j.stage = 'queued' AND j.priority = head.priority
+    SELECT j.id FROM jobs j
+    WHERE j.anime_id = (SELECT anime_id FROM head) AND j.stage = 'queued'
+      AND j.priority = (SELECT priority FROM head)
       AND (j.next_attempt_at IS NULL OR j.next_attempt_at <= ?)
-    ORDER BY j.episode, j.id LIMIT 1)
+    ORDER BY j.episode LIMIT 1)
 RETURNING id, anime_id, anime_title, episode, attempt, retry_count, max_retries
 """
 STATE_MANUAL_PAUSE = "manual_pause"  # downloader_state key: the operator's pause (JSON)

@@ -203,7 +203,8 @@ class WebApp:
         log.info(kv("control request", command=command, source=fields["source"],
                     ok=reply.get("ok"), answer=reply.get("message")))
         error = (reply.get("result") or {}).get("error")
-        status = 200 if reply.get("ok") else 400 if error == "bad_argument" else 409
+        status = 200 if reply.get("ok") else {"bad_argument": 400, "not_found": 404,
+                                                "unavailable": 503}.get(error, 409)
         return _json(reply, status)
 
     async def _on_shutdown(self, app: web.Application) -> None:
