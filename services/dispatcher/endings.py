@@ -11,6 +11,7 @@ told to stop (``JobCancel`` in the outbox).
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from pathlib import Path
 
 from shared.lifecycle import kv
@@ -30,6 +31,7 @@ from services.dispatcher.store import JobRow, StoreUnavailable
 log = logging.getLogger(__name__)
 Outgoing = tuple[bytes, Message]
 CHANGED_ELSEWHERE = "job changed by another program"
+STOPPED_KEPT = 10_000
 
 
 def context(lease: Lease) -> dict:
@@ -46,6 +48,9 @@ class Endings:
         self.db, self.leases, self.admission, self.counts = db, leases, admission, counts
         self.retries, self.settlement, self.recent, self.disk = retries, settlement, recent, disk
         self.outbox: list[Outgoing] = []  # JobCancel to workers whose row another program took
+        # Attempts the dispatcher stopped itself (an operator's control), job id -> attempt:
+        # a heartbeat of such an attempt still on its way must not re-adopt the requeued row.
+        self.stopped: OrderedDict[int, int] = OrderedDict()
 
     def take_outbox(self) -> list[Outgoing]:
         out, self.outbox = self.outbox, []
@@ -105,7 +110,14 @@ class Endings:
             self.outbox.append((lease.owner, JobCancel(job_id=job.id, attempt=job.attempt,
                                                        reason=e.stop_worker,
                                                        keep_partials=e.keep_partials)))
+            self.stopped[job.id] = job.attempt
+            while len(self.stopped) > STOPPED_KEPT:
+                self.stopped.popitem(last=False)
         return True
+
+    def was_stopped(self, job_id: int, attempt: int) -> bool:
+        """Whether the dispatcher told this attempt to stop (it may not be re-adopted)."""
+        return self.stopped.get(job_id) == attempt
 
     def _drop(self, lease: Lease, now: float) -> None:
         self.leases.pop(lease.job.id, None)

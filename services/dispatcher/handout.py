@@ -119,6 +119,8 @@ class Handout:
     def readopt(self, identity: bytes, job_id: int, attempt: int, now: float) -> Lease | None:
         """Give a queued job back to the worker still downloading its last attempt (its
         heartbeat or its report came in); None if the row is not that any more."""
+        if self.endings.was_stopped(job_id, attempt):
+            return None  # the operator stopped it: its heartbeat was on its way
         deadline = now + self.lease_seconds
         job = self.db.write(now, self.db.store.readopt, job_id, attempt, identity.decode(), deadline)
         if job is None:

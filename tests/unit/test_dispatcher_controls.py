@@ -110,6 +110,10 @@ def test_pause_now_requeues_running_downloads_without_a_retry_once_written(rig: 
         r = row(rig, job.job_id)
         assert (r["stage"], r["retry_count"], r["attempt"], r["next_attempt_at"]) == ("queued", 0, 1, None)
     assert assigns(rig.ready(A, 4.0)) == []  # paused
+    # A heartbeat of a stopped attempt, sent before the worker heard: no re-adoption.
+    out = rig.beat(B, b, 4.5)
+    assert [m.reason for m in of_type(out, JobCancel)] == ["lease lost"]
+    assert row(rig, b.job_id)["stage"] == "queued" and b.job_id not in rig.d.leases
 
 
 def test_a_cancelled_job_never_comes_back(rig: SharedRig) -> None:
