@@ -58,3 +58,18 @@ def test_the_exit_code_follows_the_reply():
     assert ctl.exit_code(ControlReply(ok=False, message="busy", result={"error": "unavailable"})) == 1
     for error in ("bad_argument", "not_found", "conflict"):
         assert ctl.exit_code(ControlReply(ok=False, message="no", result={"error": error})) == 2
+
+
+def test_the_control_endpoint_is_ipc_in_run_by_default(tmp_path):
+    from shared.config import load_config
+    from tests.system import BASE_CONFIG, render_toml
+
+    path = tmp_path / "config.toml"
+    path.write_text(render_toml(BASE_CONFIG))
+    config = load_config(path)
+    assert config.zmq.control == f"ipc://{config.run_dir / 'control.sock'}"
+    path.write_text(render_toml({**BASE_CONFIG, "zmq": {"control": "tcp://127.0.0.1:5599"}}))
+    assert load_config(path).zmq.control == "tcp://127.0.0.1:5599"
+    path.write_text(render_toml({**BASE_CONFIG, "zmq": {"control": "udp://x"}}))
+    with pytest.raises(Exception, match=r"\[zmq\] control: must start with ipc:// or tcp://"):
+        load_config(path)
