@@ -17,6 +17,7 @@ from shared.protocol import CONTROL_REQUESTS, Message
 PRIORITY_NAMES = {"high": 10, "normal": 0, "low": -10}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_JOB_IDS = 1000  # one retry request (its ids are one SQL statement's parameters)
 
 
 class BadArgument(ValueError):
@@ -74,6 +75,8 @@ def _retry(body: dict) -> dict:
     if not isinstance(job_ids, list) or not all(
             isinstance(j, int) and not isinstance(j, bool) and j >= 1 for j in job_ids):
         raise BadArgument(f"job_ids: must be a list of job ids, got {job_ids!r}")
+    if len(job_ids) > MAX_JOB_IDS:
+        raise BadArgument(f"job_ids: at most {MAX_JOB_IDS} at once, got {len(job_ids)}")
     anime_id = _int(body, "anime_id")
     if sum((failed, bool(job_ids), anime_id is not None)) != 1:
         raise BadArgument("give exactly one of failed: true, job_ids or anime_id")

@@ -32,7 +32,7 @@ from shared.lifecycle import kv
 from shared.models import STAGE_CANCELLED, STAGE_FAILED, STAGE_QUEUED
 from shared.protocol import (ControlBandwidth, ControlCancel, ControlPause, ControlPriority,
                              ControlReply, ControlResume, ControlRetry, Message)
-from services.controls import priority_name
+from services.controls import MAX_JOB_IDS, priority_name
 from services.dispatcher.counts import QueueCounts
 from services.dispatcher.db_health import Database
 from services.dispatcher.endings import Endings
@@ -239,6 +239,8 @@ class Controls:
         if sum((msg.failed, bool(msg.job_ids), msg.anime_id is not None)) != 1:
             return _fail(BAD, "give exactly one of failed: true, job_ids or anime_id")
         named: dict[int, str] = {}
+        if len(msg.job_ids) > MAX_JOB_IDS:
+            return _fail(BAD, f"job_ids: at most {MAX_JOB_IDS} at once, got {len(msg.job_ids)}")
         if msg.job_ids:
             named = self.db.read(now, self.db.store.job_stages, list(msg.job_ids))
             missing = sorted(set(msg.job_ids) - set(named))

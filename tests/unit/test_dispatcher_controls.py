@@ -221,6 +221,11 @@ def test_a_verifying_download_is_not_restarted_for_a_new_rate(rig: SharedRig) ->
     assert reply.result["restarted"] == [] and of_type(out, JobCancel) == []
 
 
+def test_a_retry_of_too_many_ids_at_once_is_refused(rig: SharedRig) -> None:
+    reply, _ = control(rig, ControlRetry(source=SRC, job_ids=list(range(1, 40_002))), 1.0)
+    assert not reply.ok and reply.result["error"] == "bad_argument" and "at most 1000" in reply.message
+
+
 def test_an_unreadable_stored_pause_still_pauses() -> None:
     assert ManualPause.from_json(None) is None
     assert ManualPause.from_json("not json").by == "unreadable downloader_state value"
