@@ -16,7 +16,7 @@ import zmq
 
 from shared.config import Config
 from shared.lifecycle import StopRequest, kv
-from shared.protocol import (CONTROL_REQUESTS, DiskStateMsg, DiskUsageMsg, Message, ProtocolError,
+from shared.protocol import (CONTROL_REQUESTS, ControlReply, DiskStateMsg, DiskUsageMsg, Message, ProtocolError,
                              StatusReply, StatusRequest, WorkerProbe, decode, encode)
 from shared.singleton import hold_lock
 from shared.sockets import Sockets, is_local_endpoint, waiting
@@ -260,7 +260,13 @@ class DispatcherServer:
         msg = decode(rest)
         if type(msg) not in CONTROL_REQUESTS.values():
             raise ProtocolError(f"{msg.KIND} is not served on the control endpoint")
-        reply, outgoing = self.dispatcher.control(msg, time.time())
+        try:
+            reply, outgoing = self.dispatcher.control(msg, time.time())
+        except Exception:  # a bug: the asker hears it at once, _drain logs the traceback
+            self.control.send_multipart(envelope + encode(ControlReply(
+                ok=False, message=f"{msg.KIND} failed in the dispatcher (see its log)",
+                result={"error": "unavailable"})), zmq.NOBLOCK)
+            raise
         self.control.send_multipart(envelope + encode(reply), zmq.NOBLOCK)
         self._send(outgoing)
 
