@@ -19,7 +19,7 @@ import zmq
 
 from shared.config import Config, ConfigError
 from shared.lifecycle import config_or_exit
-from shared.protocol import ProtocolError, StatusReply, StatusRequest, decode, encode
+from shared.protocol import Message, ProtocolError, StatusReply, StatusRequest, decode, encode
 from shared.sockets import Sockets
 from services.status_text import render_text
 
@@ -29,9 +29,16 @@ class NoAnswer(Exception):
 
 
 def fetch_status(sockets: Sockets, endpoint: str, timeout: float) -> dict:
+    return ask(sockets, endpoint, StatusRequest(), StatusReply, timeout).status
+
+
+def ask(sockets: Sockets, endpoint: str, request: Message, reply_type: type[Message],
+        timeout: float) -> Message:
+    """Send ``request`` from a fresh DEALER and wait up to ``timeout`` for a ``reply_type``
+    (anime-status, anime-ctl); NoAnswer, in the words a user reads, when none comes."""
     sock = sockets.connect(zmq.DEALER, endpoint)
     try:
-        sock.send_multipart(encode(StatusRequest()))
+        sock.send_multipart(encode(request))
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
             if not sock.poll(left * 1000):
@@ -40,8 +47,8 @@ def fetch_status(sockets: Sockets, endpoint: str, timeout: float) -> dict:
                 reply = decode(sock.recv_multipart())
             except ProtocolError:
                 continue
-            if isinstance(reply, StatusReply):
-                return reply.status
+            if isinstance(reply, reply_type):
+                return reply
         raise NoAnswer(f"no answer from the dispatcher at {endpoint} within {timeout:g}s "
                        "(is anime-downloader running?)")
     finally:

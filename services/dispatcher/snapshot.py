@@ -9,7 +9,7 @@ read at once and not kept.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from shared.config import DiskConfig
 from shared.protocol import DiskStateMsg
@@ -43,3 +43,8 @@ class StatusSnapshot:
     db_busy_since: float | None
     db_error: str | None
     pending_writes: int
+    # the operator's controls (controls.py): the manual pause, priorities that are not 0,
+    # the bandwidth limit now
+    manual_pause: dict = field(default_factory=dict)
+    priorities: list[dict] = field(default_factory=list)
+    bandwidth: dict = field(default_factory=dict)

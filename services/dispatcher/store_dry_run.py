@@ -95,3 +95,9 @@ class DryRunStore(SqlJobStore):
 
     def downloaded_since(self, since: float) -> tuple[int, int]:
         return 0, 0
+
+    def get_state(self, key: str) -> str | None:
+        return None  # an upstream database has no downloader_state; the controls write nothing
+
+    def priorities(self, limit: int = 50) -> list[dict]:
+        return []

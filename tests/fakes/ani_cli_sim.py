@@ -425,6 +425,8 @@ def log_base(argv: List[str], opts: Options, env: Dict[str, str]) -> Dict[str, A
         "download": opts.download,
         "quality": opts.quality,
         "dub": opts.dub,
+        # the worker's share of total_bandwidth_mbps, as its yt-dlp wrapper would apply it
+        "rate_limit_bps": maybe_int(env.get("ANIME_DL_RATE_LIMIT_BPS")),
     }
 
 

@@ -48,7 +48,8 @@ def sample(title: str = "Fullmetal Alchemist: Brotherhood") -> dict:
                   "backoff_reasons": [{"reason": "ani-cli returned non-zero exit code: 1: "
                                                  "Episode not released!",
                                        "count": 2, "next_retry_at": NOW + 300}],
-                  "other_stages": {"transcribed": 900}, "counted_at": NOW - 1},
+                  "other_stages": {"transcribed": 900}, "counted_at": NOW - 1,
+                  "cancelled": 0, "priorities": []},
         "workers": [
             {"id": "w01", "host": "h", "state": "downloading", "last_seen_seconds": 0.4, "job": job},
             {"id": "w02", "host": "h", "state": "verifying", "last_seen_seconds": 0.1,
@@ -77,6 +78,9 @@ def sample(title: str = "Fullmetal Alchemist: Brotherhood") -> dict:
              "selected_title": "Fate/Zero", "site_title": "Fate/Zero Season 2", "at": NOW - 30},
         ],
         "database": {"busy_since": None, "error": None, "pending_writes": 0},
+        "pause": {"paused": False, "at": None, "until": None, "by": None, "interrupted": False},
+        "bandwidth": {"total_mbps": 0.0, "configured_mbps": 0.0, "changed": False,
+                      "per_download_bps": 0},
     }
 
 
@@ -243,7 +247,7 @@ def test_the_document_has_the_documented_shape_and_worker_states(dispatcher: Dis
     # it), and "database" (README, "The database contract").
     doc = sample()
     assert set(s) == set(doc)
-    for part in ("dispatcher", "queue", "disk", "last_hour", "database"):
+    for part in ("dispatcher", "queue", "disk", "last_hour", "database", "pause", "bandwidth"):
         assert set(s[part]) == set(doc[part]), part
     assert {k for w in s["workers"] for k in w} == set(doc["workers"][0])
     assert {k for w in s["workers"] for k in w["job"]} == set(doc["workers"][0]["job"])

@@ -114,7 +114,9 @@
       el("span", {}, bytes(job.bytes)),
       el("span", {}, job.speed_bps ? `${bytes(job.speed_bps)}/s` : "-"),
       el("span", {}, `ETA ${duration(job.eta_seconds)}`),
-      el("span", {}, `job ${job.id}, running ${duration(job.running_seconds)}`));
+      el("span", {}, `job ${job.id}, running ${duration(job.running_seconds)}`),
+      el("button", {type: "button", class: "small", dataset: {cancelJob: job.id},
+                    disabled: !session.controls}, "cancel"));
     return el("li", {dataset: {worker: w.id, state: w.state, job: job.id,
                                percent: pct === null ? "" : pct}}, head, bar, figures);
   }
@@ -193,6 +195,8 @@
         el("div", {class: "f-head"}, `${f.anime_title || "?"} ep ${f.episode}`,
            el("span", {class: "muted"}, ` · job ${f.id}${f.at ? " · " + clock(f.at) : ""}`)),
         el("div", {class: "f-first"}, lines[0]),
+        el("button", {type: "button", class: "small", dataset: {retryJob: f.id},
+                      disabled: !session.controls}, "retry"),
         lines.length > 1 ? el("pre", {}, lines.slice(1).join("\n")) : null);
     }));
   }
@@ -251,6 +255,7 @@
       session.csrfToken = hello.csrf_token;
       session.heartbeat = hello.heartbeat_seconds;
       session.controls = hello.controls;
+      for (const b of document.querySelectorAll("button")) b.disabled = !session.controls;
     });
     source.addEventListener("update", (e) => render(JSON.parse(e.data)));
     source.onerror = () => {
@@ -272,6 +277,40 @@
     try { reply = await response.json(); } catch (err) { reply = {ok: false, message: response.statusText}; }
     return {status: response.status, reply};
   }
+
+  // --- the buttons: each posts one control and shows the dispatcher's answer --------------
+  const REQUESTS = {
+    "pause": () => ["pause", {}],
+    "pause-for": () => ["pause", {for: $("pause-for").value}],
+    "pause-now": () => ["pause", {now: true}],
+    "resume": () => ["resume", {}],
+    "bandwidth": () => ["bandwidth", {mbps: Number($("bandwidth-mbps").value || "NaN")}],
+    "priority": () => ["priority", {anime_id: Number($("priority-anime").value || "NaN"),
+                                    priority: $("priority-value").value}],
+  };
+
+  async function act(command, body) {
+    const result = $("ctl-result");
+    result.textContent = `${command}…`;
+    delete result.dataset.ok;
+    try {
+      const {reply} = await postControl(command, body);
+      result.dataset.ok = reply.ok ? "true" : "false";
+      result.textContent = reply.ok ? reply.message : `${command}: ${reply.message || reply.error}`;
+    } catch (err) {
+      result.dataset.ok = "false";
+      result.textContent = `${command}: ${err}`;
+    }
+  }
+
+  document.addEventListener("click", (e) => {
+    const button = e.target.closest("button");
+    if (!button || button.disabled) return;
+    const d = button.dataset;
+    if (d.ctl in REQUESTS) act(...REQUESTS[d.ctl]());
+    else if (d.cancelJob) act("cancel", {job_id: Number(d.cancelJob)});
+    else if (d.retryJob) act("retry", {job_ids: [Number(d.retryJob)]});
+  });
 
   window.animeWeb = {postControl, session, get lastUpdate() { return lastUpdate; }};
   connect();
