@@ -240,11 +240,7 @@ class DispatcherServer:
         self._send(self.dispatcher.on_disk_state(msg, time.time()))
 
     def _on_status(self, frames: list[bytes]) -> None:
-        identity, rest = frames[0], frames[1:]
-        envelope = [identity]
-        if rest and rest[0] == b"":  # a REQ peer adds an empty delimiter
-            envelope.append(b"")
-            rest = rest[1:]
+        envelope, rest = _split_envelope(frames)
         if not isinstance(decode(rest), StatusRequest):
             raise ProtocolError("only status.request is served on the status endpoint")
         reply = StatusReply(status=build_status(self.dispatcher.snapshot(time.time())))
@@ -252,11 +248,7 @@ class DispatcherServer:
 
     def _on_control(self, frames: list[bytes]) -> None:
         """An operator's request (anime-ctl, anime-web): one ControlReply to its sender."""
-        identity, rest = frames[0], frames[1:]
-        envelope = [identity]
-        if rest and rest[0] == b"":  # a REQ peer adds an empty delimiter
-            envelope.append(b"")
-            rest = rest[1:]
+        envelope, rest = _split_envelope(frames)
         msg = decode(rest)
         if type(msg) not in CONTROL_REQUESTS.values():
             raise ProtocolError(f"{msg.KIND} is not served on the control endpoint")
@@ -285,3 +277,13 @@ class DispatcherServer:
                 self.disk_push.send_multipart(encode(request), zmq.NOBLOCK)
             except zmq.Again:
                 pass  # the disk-watcher is down or busy; it re-measures on its own
+
+
+def _split_envelope(frames: list[bytes]) -> tuple[list[bytes], list[bytes]]:
+    """A ROUTER's frames as (the envelope to answer with, the message): the sender's
+    identity, and the empty delimiter a REQ peer adds."""
+    envelope, rest = [frames[0]], frames[1:]
+    if rest and rest[0] == b"":
+        envelope.append(b"")
+        rest = rest[1:]
+    return envelope, rest

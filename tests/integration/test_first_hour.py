@@ -14,24 +14,8 @@ import sqlite3
 import subprocess
 import time
 
-import pytest
-
 from shared.models import CONTRACT_DDL
 from tests.system import System, wait_for
-
-
-@pytest.fixture
-def make_system():
-    made: list[System] = []
-
-    def make(overrides=None) -> System:
-        system = System(overrides)
-        made.append(system)
-        return system
-
-    yield make
-    for system in made:
-        system.cleanup()
 
 
 def test_enqueue_without_a_selection_warns_that_the_episodes_will_wait(make_system) -> None:

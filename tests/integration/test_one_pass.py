@@ -16,7 +16,6 @@ import functools
 import json
 import os
 import shutil
-import struct
 import sys
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -25,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from services.worker import video
+from tests.fakes.media import garbled_sample_sizes
 from tests.fakes.provider import Provider
 from tests.system import BIN, System
 
@@ -148,16 +148,6 @@ def test_an_episode_is_read_once_and_written_at_most_once_after_ani_cli(
 # --------------------------------------------------------------------------- a corrupt download
 
 
-def garble_sample_sizes(mp4: bytes) -> bytes:
-    """The second half of the video's sample sizes (``stsz``) made larger than the file: the
-    boxes stay whole (the tool-free check passes), the packets run past the end."""
-    b = bytearray(mp4)
-    i = b.find(b"stsz")
-    count = struct.unpack(">I", b[i + 12:i + 16])[0]
-    for k in range(count // 2, count):
-        b[i + 16 + 4 * k:i + 20 + 4 * k] = struct.pack(">I", 10**7)
-    return bytes(b)
-
 
 @pytest.fixture
 def file_server(tmp_path: Path):
@@ -189,7 +179,7 @@ def test_a_corrupt_download_is_refused_and_nothing_of_it_lands(make_system, prov
                       timeout=90)
     assert "summary: downloaded=1" in result.stdout, result.stdout + result.stderr
     source = Path(good.jobs()[0]["video_path"])
-    (root / "episode-1.mp4").write_bytes(garble_sample_sizes(source.read_bytes()))
+    (root / "episode-1.mp4").write_bytes(garbled_sample_sizes(source.read_bytes()))
     ffmpeg_runs.unlink()
 
     system = make(make_system, f"{base}/episode-{{episode}}.mp4", "Corrupt Show", 1, {"container": "mkv"})

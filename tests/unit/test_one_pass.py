@@ -8,7 +8,6 @@ not a bad file. Sample media is made once with the real ffmpeg (imageio-ffmpeg's
 from __future__ import annotations
 
 import random
-import struct
 import subprocess
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import pytest
 
 from services.worker import one_pass, video
 from services.worker.video import NotAVideo, RemuxError, verify_video
+from tests.fakes.media import garbled_sample_sizes
 
 FFMPEG = video.find_ffmpeg()
 pytestmark = pytest.mark.skipif(FFMPEG is None, reason="needs ffmpeg (on PATH or via imageio-ffmpeg)")
@@ -26,16 +26,6 @@ def _ff(*args: str) -> None:
     subprocess.run([FFMPEG, "-nostdin", "-hide_banner", "-v", "error", "-y", *args], check=True,
                    stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
 
-
-def garbled_sample_sizes(mp4: bytes) -> bytes:
-    """The second half of the first track's sample sizes larger than the file: every box
-    whole (the tool-free check passes), the packets running past the end."""
-    b = bytearray(mp4)
-    i = b.find(b"stsz")
-    count = struct.unpack(">I", b[i + 12:i + 16])[0]
-    for k in range(count // 2, count):
-        b[i + 16 + 4 * k:i + 20 + 4 * k] = struct.pack(">I", 10**7)
-    return bytes(b)
 
 
 @pytest.fixture(scope="module")
