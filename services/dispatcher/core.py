@@ -38,7 +38,7 @@ from shared.lifecycle import kv
 from shared.protocol import (DiskStateMsg, JobAssign, JobFailed, JobFinished, JobHeartbeat,
                              JobLanded, Message, WorkerBye, WorkerReady)
 from services.dispatcher.admission import Admission, peak_factor
-from services.dispatcher.counts import QueueCounts
+from services.dispatcher.counts import Passes, QueueCounts
 from services.dispatcher.db_health import Database
 from services.dispatcher.disk_hooks import DiskHooks
 from services.dispatcher.effects import Effects
@@ -71,7 +71,10 @@ class Options:
 class Dispatcher:
     def __init__(self, store: SqlJobStore, effects: Effects, config: Config,
                  options: Options | None = None, rng: random.Random | None = None,
-                 connected: Callable[[bytes], bool] = always_connected) -> None:
+                 connected: Callable[[bytes], bool] = always_connected,
+                 passes: Passes | None = None) -> None:
+        """``passes``: where the passes over the whole queue run (counts.py); by default
+        at once on the store's connection, the server gives them a thread."""
         self.config = config
         self.options = options or Options()
         self.effects = effects
@@ -81,7 +84,7 @@ class Dispatcher:
         self.admission = Admission(config.disk, peak_factor=peak_factor(config.downloader),
                                    ignore_storage=self.options.dry_run)
         self.disk = DiskHooks(self.admission)
-        self.counts = QueueCounts()
+        self.counts = QueueCounts(passes=passes)
         self.recent = Recent()
         self.settlement = Settlement(effects, config.storage_dir)
         self.retries = RetryPolicy(config.downloader, rng or random.Random())
@@ -122,7 +125,8 @@ class Dispatcher:
             sizes = store.recent_sizes()
             rows = store.leases()
             jobs = {row.id: store.get(row.id) for row in rows}
-            live = store.live_job_ids() if dirs is not None else set()
+            live = (store.live_job_ids_among(i for _, i in dirs if i is not None)
+                    if dirs is not None else set())
         except StoreUnavailable as exc:
             self.db.health.failed(exc, now, quiet=True)  # the server says it waits, once
             raise
@@ -264,15 +268,15 @@ class Dispatcher:
         """Nothing runnable is queued and nothing is in flight (or waiting to be written)."""
         if self.leases or not self.started:
             return False
-        if not self.counts.refresh(self.db, now, force=True):
-            return False
-        return not self.counts.runnable_left()
+        if not self.counts.current(self.db, now):
+            return False  # asked for a pass if one is needed
+        return not self.counts.runnable_left(self.store.moves)
 
     def summary(self, now: float) -> dict:
         """Raises StoreUnavailable when the counts cannot be read now."""
-        if not self.counts.refresh(self.db, now, force=True):
+        if not self.counts.current(self.db, now):
             raise self.db.unavailable()
-        result = self.counts.summary()
+        result = self.counts.summary(self.store.moves)
         if self.options.dry_run:
             result["dry_run_would_download"] = self.recent.dry_run_done
         return result
@@ -283,12 +287,14 @@ class Dispatcher:
         return not self.leases and self.counts.queue_empty
 
     def snapshot(self, now: float) -> StatusSnapshot:
+        self.counts.collect()
         by_owner = self.leases.by_owner()
         workers = sorted(self.sessions.workers.items(), key=lambda item: item[1].worker_id)
         health = self.db.health
         return StatusSnapshot(
             now=now, dry_run=self.options.dry_run, anime_id=self.options.anime_id,
-            stopping=self.stopping, counts=self.counts.counts, detail=self.counts.detail,
+            stopping=self.stopping, counts=self.counts.stage_counts(self.store.moves),
+            detail=self.counts.queue_detail(self.store.moves),
             counted_at=self.counts.counted_at, failures=self.counts.failures,
             workers=[(seen, by_owner.get(identity)) for identity, seen in workers],
             disk_config=self.config.disk, disk_state=self.admission.state,

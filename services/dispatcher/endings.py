@@ -101,7 +101,9 @@ class Endings:
     def _drop(self, lease: Lease, now: float) -> None:
         self.leases.pop(lease.job.id, None)
         self.admission.release(lease.job.id, now)
-        self.counts.changed(requeued=lease.ending is None or lease.ending.kind == REQUEUE)
+        kind = lease.ending.kind if lease.ending is not None else None
+        # A landing changes only the stage counts, which follow the store's moves.
+        self.counts.changed(requeued=kind in (None, REQUEUE), detail=kind != LAND)
 
     def _landed(self, lease: Lease, stage: str | None, now: float) -> None:
         e, job = lease.ending, lease.job

@@ -59,7 +59,7 @@ class Handout:
             if job is None:
                 self.counts.queue_empty = True
                 break
-            self.counts.changed()
+            # No counts.changed(): the store counts the claim's move (counts.py).
             if self._dispose_unrunnable(job, now):
                 continue
             self.sessions.used(identity, seq)
