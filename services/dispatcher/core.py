@@ -57,6 +57,8 @@ from services.dispatcher.store import SqlJobStore, StoreUnavailable
 log = logging.getLogger(__name__)
 
 Outgoing = tuple[bytes, Message]
+# Claims in one go after a disk state or a tick; more wait for the next turn of the loop.
+ASSIGN_CHUNK = 10
 WORKER_MESSAGES = (WorkerReady, WorkerBye, JobHeartbeat, JobFinished, JobLanded, JobFailed)
 
 
@@ -187,7 +189,7 @@ class Dispatcher:
 
     def _on_ready(self, identity: bytes, msg: WorkerReady, now: float) -> list[Outgoing]:
         if self.sessions.credit(identity, msg, now):
-            return self.handout.assign(now, self.stopping or not self.started)
+            return self.handout.assign(now, self.stopping or not self.started, ASSIGN_CHUNK)
         return []
 
     def _on_bye(self, identity: bytes, msg: WorkerBye, now: float) -> list[Outgoing]:
@@ -208,8 +210,17 @@ class Dispatcher:
 
     def on_disk_state(self, msg: DiskStateMsg, now: float) -> list[Outgoing]:
         self.disk.on_state(msg, now)
-        return self.handout.assign(now, self.stopping or not self.started) + \
+        return self.assign_more(now)
+
+    def assign_more(self, now: float) -> list[Outgoing]:
+        """Up to ASSIGN_CHUNK jobs for the credits waiting; ``more_to_assign`` then says
+        whether credits were left (the server calls again after serving status requests)."""
+        return self.handout.assign(now, self.stopping or not self.started, ASSIGN_CHUNK) + \
             self.endings.take_outbox()
+
+    @property
+    def more_to_assign(self) -> bool:
+        return self.handout.more
 
     def stalled(self, seconds: float, now: float) -> None:
         """The loop could not run for ``seconds`` (blocked, or the machine suspended): the
@@ -232,8 +243,7 @@ class Dispatcher:
             log.info(kv("worker silent, forgotten", worker_id=owner_worker_id(identity)))
         self.counts.refresh(self.db, now)
         self.effects.poll_storage(now)
-        return self.handout.assign(now, self.stopping or not self.started) + \
-            self.endings.take_outbox()
+        return self.assign_more(now)
 
     def _write_deadlines(self, now: float) -> None:
         """The deadlines heartbeats extended, in one short transaction per tick rather than
@@ -270,13 +280,13 @@ class Dispatcher:
             return False
         if not self.counts.current(self.db, now):
             return False  # asked for a pass if one is needed
-        return not self.counts.runnable_left(self.store.moves)
+        return not self.counts.runnable_left()
 
     def summary(self, now: float) -> dict:
         """Raises StoreUnavailable when the counts cannot be read now."""
         if not self.counts.current(self.db, now):
             raise self.db.unavailable()
-        result = self.counts.summary(self.store.moves)
+        result = self.counts.summary()
         if self.options.dry_run:
             result["dry_run_would_download"] = self.recent.dry_run_done
         return result
@@ -293,8 +303,8 @@ class Dispatcher:
         health = self.db.health
         return StatusSnapshot(
             now=now, dry_run=self.options.dry_run, anime_id=self.options.anime_id,
-            stopping=self.stopping, counts=self.counts.stage_counts(self.store.moves),
-            detail=self.counts.queue_detail(self.store.moves),
+            stopping=self.stopping, counts=self.counts.stage_counts(),
+            detail=self.counts.queue_detail(),
             counted_at=self.counts.counted_at, failures=self.counts.failures,
             workers=[(seen, by_owner.get(identity)) for identity, seen in workers],
             disk_config=self.config.disk, disk_state=self.admission.state,

@@ -159,7 +159,11 @@ class QueueCounts:
         self.counted_at = -1e18  # when the last pass's snapshot was taken
         self.queue_empty = False  # the last claim found nothing runnable
         self.no_selection_logged: set[int] = set()
-        self._mark: dict[str, int] = {}  # the store's moves at the last pass's snapshot
+        # The store's moves (SqlJobStore.moves: the dict itself, bound at each refresh, so
+        # that a status request reads memory only), and their values at the last pass's
+        # snapshot.
+        self._moves: Mapping[str, int] = {}
+        self._mark: dict[str, int] = {}
         self._pass_mark: dict[str, int] = {}  # ... at the running pass's
         self._pass_at = -1e18
         self._dirty = True
@@ -177,10 +181,10 @@ class QueueCounts:
 
     # --- what the status shows ------------------------------------------------
 
-    def stage_counts(self, moves: Mapping[str, int]) -> dict[str, int]:
+    def stage_counts(self) -> dict[str, int]:
         """The last pass's counts and our own moves since its snapshot."""
         out = dict(self.base)
-        for stage, n in moves.items():
+        for stage, n in self._moves.items():
             delta = n - self._mark.get(stage, 0)
             if delta:
                 out[stage] = out.get(stage, 0) + delta
@@ -188,10 +192,10 @@ class QueueCounts:
                     del out[stage]  # as GROUP BY says it: no row, no stage
         return out
 
-    def queue_detail(self, moves: Mapping[str, int]) -> dict:
+    def queue_detail(self) -> dict:
         if not self.detail:
             return {}
-        queued = moves.get(STAGE_QUEUED, 0) - self._mark.get(STAGE_QUEUED, 0)
+        queued = self._moves.get(STAGE_QUEUED, 0) - self._mark.get(STAGE_QUEUED, 0)
         return dict(self.detail, runnable=self.detail["runnable"] + queued)
 
     def nothing_to_claim(self, now: float) -> bool:
@@ -218,7 +222,8 @@ class QueueCounts:
             if self.passes.running or not (force or self._due(now)):
                 return True
             with_without = self._external or force
-            mark = dict(getattr(db.store, "moves", {}))
+            self._moves = getattr(db.store, "moves", self._moves)
+            mark = dict(self._moves)
             self.passes.begin(db, now, with_without)
         except StoreUnavailable:
             return False
@@ -281,12 +286,12 @@ class QueueCounts:
 
     # --- completion (--exit-when-done) ----------------------------------------
 
-    def runnable_left(self, moves: Mapping[str, int]) -> bool:
-        return self.queue_detail(moves)["runnable"] > 0
+    def runnable_left(self) -> bool:
+        return self.queue_detail()["runnable"] > 0
 
-    def summary(self, moves: Mapping[str, int]) -> dict:
+    def summary(self) -> dict:
         """The summary line's figures, from the last pass and our moves since."""
-        counts = self.stage_counts(moves)
+        counts = self.stage_counts()
         return {
             "downloaded": counts.get(STAGE_DOWNLOADED, 0),
             "failed": counts.get(STAGE_FAILED, 0),
@@ -294,7 +299,7 @@ class QueueCounts:
             "still_queued": counts.get(STAGE_QUEUED, 0),
         }
 
-    # compatibility: the counts as the status shows them, for callers without the store
     @property
     def counts(self) -> dict[str, int]:
-        return dict(self.base)
+        """The stage counts as the status shows them."""
+        return self.stage_counts()

@@ -38,18 +38,27 @@ class Handout:
         self.db, self.leases, self.sessions, self.disk = db, leases, sessions, disk
         self.admission = disk.admission
         self.counts, self.settlement, self.endings, self.effects = counts, settlement, endings, effects
+        self.more = False  # the last assign stopped at its limit with credits left
 
     @property
     def lease_seconds(self) -> float:
         return self.config.queue.lease_seconds
 
-    def assign(self, now: float, hold: bool) -> list[Outgoing]:
+    def assign(self, now: float, hold: bool, limit: int | None = None) -> list[Outgoing]:
         """One JobAssign per credit while there is work and room; ``hold``: hand out
-        nothing (not started yet, or stopping)."""
+        nothing (not started yet, or stopping). ``limit``: claims at most, then ``more``
+        says whether credits were left waiting (a hundred idle workers after a pause are
+        a hundred claims: the loop serves status requests between its chunks)."""
         out: list[Outgoing] = []
+        claims = 0
+        self.more = False
         while self.sessions.idle and not hold:
             if self.disk.refusal(now) or self.counts.nothing_to_claim(now):
                 break
+            if limit is not None and claims >= limit:
+                self.more = True
+                break
+            claims += 1
             identity, (seq, _) = next(iter(self.sessions.idle.items()))
             try:
                 job = self.db.write(now, self.db.store.claim_next, identity.decode(),

@@ -133,6 +133,10 @@ class DispatcherServer:
                 self._send(d.tick(time.time()))
                 # Nothing leased: lease deadlines need no watching, wake less often.
                 timers.start(TICK, last_tick, TICK_SECONDS if d.leases else IDLE_TICK_SECONDS)
+            while d.more_to_assign:  # a chunk of claims at a time, status served between
+                if self.status.get(zmq.EVENTS) & zmq.POLLIN:
+                    self._drain(self.status, self._on_status)
+                self._send(d.assign_more(time.time()))
             self._flush_disk_requests()
             if d.stopping:
                 if d.may_exit(time.time()):
