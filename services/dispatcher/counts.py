@@ -182,7 +182,10 @@ class QueueCounts:
     # --- what the status shows ------------------------------------------------
 
     def stage_counts(self) -> dict[str, int]:
-        """The last pass's counts and our own moves since its snapshot."""
+        """The last pass's counts and our own moves since its snapshot ({} before the
+        first pass is in: not counted yet)."""
+        if self.counted_at <= -1e18:
+            return {}
         out = dict(self.base)
         for stage, n in self._moves.items():
             delta = n - self._mark.get(stage, 0)
