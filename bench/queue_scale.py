@@ -165,6 +165,7 @@ class Monitor:
         self.phase = "start-up"
         self.latencies: dict[str, list[float]] = {}
         self.rss_max = 0
+        self.rss_peak = 0  # VmHWM at the end: the peak since start, start-up included
         self.error: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -176,6 +177,7 @@ class Monitor:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
+        self.rss_peak = peak_rss(self.proc.pid)
         if self.error:
             raise RuntimeError(self.error)
 
@@ -199,6 +201,13 @@ class Monitor:
                 self._stop.wait(PROBE_PAUSE_S)
         finally:
             client.close()
+
+
+def peak_rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def cli_latencies(inst: Install, n: int) -> list[float]:
@@ -350,7 +359,7 @@ def main() -> int:
                 for t in values]
         everything = monitor.all() + idle
         start, count = median(starts), median(sqlite)
-        rss_mb = monitor.rss_max / 1e6
+        rss_mb = max(monitor.rss_max, monitor.rss_peak) / 1e6
         base_n = args.fake_workers[0]
         base_rate = median(rates[base_n])
 
@@ -394,7 +403,8 @@ def main() -> int:
             rows.append([f"dispatcher CPU per job, {n} fake workers", f"{median(cpu[n]) * 1000:.3f} ms",
                          f"{base_n} workers" if n != base_n else "",
                          f"{median(cpu[n]) / median(cpu[base_n]):.3f}" if n != base_n else ""])
-        rows.append(["dispatcher RSS, max sampled", f"{rss_mb:.1f} MB", f"< {RSS_GOAL_MB:g} MB",
+        rows.append([f"dispatcher RSS, peak (VmHWM; max sampled {monitor.rss_max / 1e6:.1f} MB)",
+                     f"{rss_mb:.1f} MB", f"< {RSS_GOAL_MB:g} MB",
                      f"{rss_mb / RSS_GOAL_MB:.2f} {verdict(rss_mb < RSS_GOAL_MB)}"])
         print(table(["figure", "value", "goal / baseline", "ratio"], rows))
         print(f"\nafter the run the status reports: queued {q['queued']}, downloaded {q['downloaded']}, "
