@@ -278,6 +278,8 @@ class Dispatcher:
         """Nothing runnable is queued and nothing is in flight (or waiting to be written)."""
         if self.leases or not self.started:
             return False
+        if self.options.dry_run and not self.counts.refresh(self.db, now, force=True):
+            return False  # its claims write nothing: only a pass (inline) says what is left
         if not self.counts.current(self.db, now):
             return False  # asked for a pass if one is needed
         return not self.counts.runnable_left()
