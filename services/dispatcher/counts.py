@@ -41,6 +41,7 @@ from services.dispatcher.store import QueueReader, QueueTally, StoreUnavailable
 
 log = logging.getLogger(__name__)
 REFRESH_SECONDS = 300.0  # safety net; changes are seen at once
+FAILURES_KEPT = 5  # recent_failures in the status (store.recent_failures' limit)
 
 
 class Passes(Protocol):
@@ -169,6 +170,13 @@ class QueueCounts:
         self._dirty = True
         self._external = False
         self._begun_at = -1e18
+        # Our own failures, newest first, numbered: those after a pass's pin are shown on
+        # top of its list (the pass did not see them), so the failures agree with the
+        # counts at once.
+        self._own_failures: list[tuple[int, dict]] = []
+        self._mark_failure_seq = 0
+        self._failure_seq = 0
+        self._pass_failure_seq = 0
 
     def changed(self, requeued: bool = False, detail: bool = True) -> None:
         """Our own write changed the queue; ``requeued``: a job may be runnable again;
@@ -178,6 +186,18 @@ class QueueCounts:
             self._dirty = True
         if requeued:
             self.queue_empty = False
+
+    def failed(self, entry: dict) -> None:
+        """One of our writes failed a job for good: ``entry`` as ``recent_failures`` has it."""
+        self._failure_seq += 1
+        self._own_failures.insert(0, (self._failure_seq, entry))
+        del self._own_failures[FAILURES_KEPT:]
+        self.failures = self._merged_failures(self.failures)
+
+    def _merged_failures(self, failures: list[dict]) -> list[dict]:
+        newer = [entry for seq, entry in self._own_failures if seq > self._mark_failure_seq]
+        ids = {entry["id"] for entry in newer}
+        return (newer + [f for f in failures if f["id"] not in ids])[:FAILURES_KEPT]
 
     # --- what the status shows ------------------------------------------------
 
@@ -231,6 +251,7 @@ class QueueCounts:
         except StoreUnavailable:
             return False
         self._pass_mark, self._pass_at = mark, now
+        self._pass_failure_seq = self._failure_seq
         self._dirty = self._external = False  # the pass's snapshot has them
         self._begun_at = now
         try:
@@ -264,8 +285,10 @@ class QueueCounts:
             raise
         if tally is None:
             return
-        self.base, self.detail, self.failures = tally.counts, tally.detail, tally.failures
+        self.base, self.detail = tally.counts, tally.detail
         self._mark, self.counted_at = self._pass_mark, self._pass_at
+        self._mark_failure_seq = self._pass_failure_seq
+        self.failures = self._merged_failures(tally.failures)
         self.queue_empty = False
         if tally.without_selection is not None:
             self._log_without_selection(tally.without_selection)

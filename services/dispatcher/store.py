@@ -119,6 +119,8 @@ RETURNING id, anime_id, anime_title, episode, attempt, retry_count, max_retries
 class SqlJobStore:
     """The real queue. Only the dispatcher constructs one; ``open`` before anything else."""
 
+    writes = True  # DryRunStore: False (its writes change nothing)
+
     def __init__(self, db_path: Path, anime_id: int | None = None,
                  busy_timeout_ms: int = LOOP_BUSY_TIMEOUT_MS) -> None:
         self.db_path = db_path

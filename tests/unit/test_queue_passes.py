@@ -139,3 +139,34 @@ def test_a_pass_runs_off_the_calling_thread(tmp_path: Path) -> None:
     finally:
         counts.passes.close()
         store.close()
+
+
+def test_our_own_failure_is_in_the_recent_failures_at_once_and_after_the_pass(tmp_path: Path) -> None:
+    path = database(tmp_path, 3)
+    store = SqlJobStore(path)
+    store.open()
+    reader = HeldReader(path)
+    reader.go.set()
+    counts = QueueCounts(passes=ThreadPasses(reader))
+    db = Database(store)
+    try:
+        counts.refresh(db, NOW, force=True)
+        wait_collected(counts, db, NOW)
+        reader.go.clear()
+        store.changed_elsewhere()
+        counts.refresh(db, NOW + 10, force=True)  # a pass pinned before the failure
+        job = store.claim_next("w1/s", NOW + 60, NOW + 10)
+        assert store.mark_failed(job.id, job.attempt, "no valid sources", NOW + 11)
+        counts.failed({"id": job.id, "anime_id": job.anime_id, "anime_title": job.anime_title,
+                       "episode": job.episode, "error": "no valid sources", "at": NOW + 11})
+        assert [f["id"] for f in counts.failures] == [job.id]
+        reader.go.set()
+        wait_collected(counts, db, NOW + 11)  # the pass did not see it: still shown, once
+        assert [f["id"] for f in counts.failures] == [job.id]
+        assert counts.stage_counts() == truth(path)
+        counts.refresh(db, NOW + 20, force=True)
+        wait_collected(counts, db, NOW + 20)  # this pass saw it: the database's row
+        assert [(f["id"], f["error"]) for f in counts.failures] == [(job.id, "no valid sources")]
+    finally:
+        counts.passes.close()
+        store.close()
