@@ -17,11 +17,30 @@ import time
 
 import zmq
 
-from shared.config import Config, ConfigError
-from shared.lifecycle import config_or_exit
-from shared.protocol import Message, ProtocolError, StatusReply, StatusRequest, decode, encode
-from shared.sockets import Sockets
-from services.status_text import render_text
+
+def _import_msgspec_lean() -> None:
+    """Import msgspec without typing_extensions. msgspec imports it when it is installed
+    (aiohttp brings it) for what ``typing`` has itself since Python 3.11, and it imports
+    ``inspect``: 10 ms of a probe whose floor (``python -c "import zmq"``) is ~60 ms
+    (bench/status_cli.py). Later imports of typing_extensions (anime-web's aiohttp) are
+    untouched."""
+    if "msgspec" in sys.modules or "typing_extensions" in sys.modules:
+        return
+    sys.modules["typing_extensions"] = None  # type: ignore[assignment]  # ImportError
+    try:
+        import msgspec  # noqa: F401
+    finally:
+        del sys.modules["typing_extensions"]
+
+
+_import_msgspec_lean()
+
+from shared.config import Config, ConfigError  # noqa: E402
+from shared.lifecycle import config_or_exit  # noqa: E402
+from shared.protocol import (Message, ProtocolError, StatusReply, StatusRequest, decode,  # noqa: E402
+                             encode)
+from shared.sockets import Sockets  # noqa: E402
+from services.status_text import render_text  # noqa: E402
 
 
 class NoAnswer(Exception):

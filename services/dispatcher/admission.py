@@ -15,6 +15,10 @@ A job is reserved at its peak, not at its final size: with ``container = "mkv"``
 the remux writes a second full copy next to the download before the download is
 deleted, so a job holds up to twice its episode at once (``peak_factor``).
 
+The sums (reserved, not yet written, settling) are kept as reservations change, so a
+claim costs O(1), not O(leases + landings of the last second): with 100 workers at
+1,000 jobs/s the sums walked ~1,100 entries per claim.
+
 An ``unavailable`` storage refuses every job (but in a dry run, which writes
 nothing), and so does a worker's report that it found the storage unavailable,
 until the disk-watcher has looked again. A dry run downloads nothing, so the disk
@@ -75,11 +79,14 @@ class Admission:
     state: DiskStateMsg | None = None
     received_at: float = 0.0
     reservations: dict[int, Reservation] = field(default_factory=dict)
-    settling: list[tuple[float, int]] = field(default_factory=list)
+    settling: deque[tuple[float, int]] = field(default_factory=deque)  # (released at, bytes)
     no_space_at: float | None = None  # set by an ENOSPC failure, cleared by a fresh state
     storage_failed_at: float | None = None  # a worker found the storage unavailable
     _per_anime: dict[int, deque] = field(default_factory=lambda: defaultdict(lambda: deque(maxlen=20)))
     _overall: deque = field(default_factory=lambda: deque(maxlen=50))
+    _reserved: int = 0  # sum of the reservations' bytes
+    _unwritten_sum: int = 0  # sum of what they have still to write
+    _settling_sum: int = 0
 
     # --- inputs -------------------------------------------------------------
 
@@ -88,7 +95,10 @@ class Admission:
             return  # an older state delivered late
         self.state = msg
         self.received_at = now
-        self.settling = [(t, b) for t, b in self.settling if t >= msg.measured_at]
+        # Released in time order: the oldest go first (a clock stepping back keeps an
+        # entry longer: more reserved, never less).
+        while self.settling and self.settling[0][0] < msg.measured_at:
+            self._settling_sum -= self.settling.popleft()[1]
         if self.no_space_at is not None and msg.measured_at > self.no_space_at:
             if msg.free_bytes - self.disk.min_free_bytes >= self.peak_for(None):
                 self.no_space_at = None
@@ -113,17 +123,33 @@ class Admission:
         return int(self.expected_for(anime_id) * self.peak_factor)
 
     def reserve(self, job_id: int, anime_id: int) -> None:
-        self.reservations[job_id] = Reservation(anime_id, self.peak_for(anime_id))
+        self.discard(job_id)
+        reservation = self.reservations[job_id] = Reservation(anime_id, self.peak_for(anime_id))
+        self._count(reservation, 1)
 
     def written(self, job_id: int, written: int) -> None:
         reservation = self.reservations.get(job_id)
-        if reservation is not None:
-            reservation.written = max(reservation.written, written)
+        if reservation is not None and written > reservation.written:
+            self._count(reservation, -1)
+            reservation.written = written
+            self._count(reservation, 1)
 
     def release(self, job_id: int, now: float) -> None:
         reservation = self.reservations.pop(job_id, None)
         if reservation is not None:
+            self._count(reservation, -1)
             self.settling.append((now, reservation.bytes))
+            self._settling_sum += reservation.bytes
+
+    def discard(self, job_id: int) -> None:
+        """Drop a reservation without settling it (nothing was written)."""
+        reservation = self.reservations.pop(job_id, None)
+        if reservation is not None:
+            self._count(reservation, -1)
+
+    def _count(self, reservation: Reservation, sign: int) -> None:
+        self._reserved += sign * reservation.bytes
+        self._unwritten_sum += sign * (reservation.bytes - reservation.written)
 
     # --- the decision -------------------------------------------------------
 
@@ -131,7 +157,7 @@ class Admission:
         return self.state is not None and now - self.received_at <= self.stale_after
 
     def reserved_bytes(self) -> int:
-        return sum(r.bytes for r in self.reservations.values()) + sum(b for _, b in self.settling)
+        return self._reserved + self._settling_sum
 
     def committed_bytes(self) -> int:
         assert self.state is not None
@@ -203,4 +229,4 @@ class Admission:
         return "waiting for usage below resume_threshold_gb"
 
     def _unwritten(self) -> int:
-        return sum(r.bytes - r.written for r in self.reservations.values())
+        return self._unwritten_sum

@@ -39,7 +39,7 @@ from shared.protocol import (DiskStateMsg, ControlReply, JobAssign, JobFailed, J
                              JobHeartbeat, JobLanded, Message, WorkerBye, WorkerReady)
 from services.dispatcher.admission import Admission, peak_factor
 from services.dispatcher.controls import Controls
-from services.dispatcher.counts import QueueCounts
+from services.dispatcher.counts import Passes, QueueCounts
 from services.dispatcher.db_health import Database
 from services.dispatcher.disk_hooks import DiskHooks
 from services.dispatcher.effects import Effects
@@ -58,6 +58,8 @@ from services.dispatcher.store import STATE_MANUAL_PAUSE, SqlJobStore, StoreUnav
 log = logging.getLogger(__name__)
 
 Outgoing = tuple[bytes, Message]
+# Claims in one go after a disk state or a tick; more wait for the next turn of the loop.
+ASSIGN_CHUNK = 10
 WORKER_MESSAGES = (WorkerReady, WorkerBye, JobHeartbeat, JobFinished, JobLanded, JobFailed)
 
 
@@ -72,7 +74,10 @@ class Options:
 class Dispatcher:
     def __init__(self, store: SqlJobStore, effects: Effects, config: Config,
                  options: Options | None = None, rng: random.Random | None = None,
-                 connected: Callable[[bytes], bool] = always_connected) -> None:
+                 connected: Callable[[bytes], bool] = always_connected,
+                 passes: Passes | None = None) -> None:
+        """``passes``: where the passes over the whole queue run (counts.py); by default
+        at once on the store's connection, the server gives them a thread."""
         self.config = config
         self.options = options or Options()
         self.effects = effects
@@ -83,7 +88,7 @@ class Dispatcher:
                                    ignore_storage=self.options.dry_run,
                                    dry_run=self.options.dry_run)
         self.disk = DiskHooks(self.admission)
-        self.counts = QueueCounts()
+        self.counts = QueueCounts(passes=passes)
         self.recent = Recent()
         self.settlement = Settlement(effects, config.storage_dir)
         self.retries = RetryPolicy(config.downloader, rng or random.Random())
@@ -127,7 +132,8 @@ class Dispatcher:
             landings = store.landings_since(now - HOUR)
             rows = store.leases()
             jobs = {row.id: store.get(row.id) for row in rows}
-            live = store.live_job_ids() if dirs is not None else set()
+            live = (store.live_job_ids_among(i for _, i in dirs if i is not None)
+                    if dirs is not None else set())
             pause = store.get_state(STATE_MANUAL_PAUSE)
         except StoreUnavailable as exc:
             self.db.health.failed(exc, now, quiet=True)  # the server says it waits, once
@@ -191,7 +197,7 @@ class Dispatcher:
 
     def _on_ready(self, identity: bytes, msg: WorkerReady, now: float) -> list[Outgoing]:
         if self.sessions.credit(identity, msg, now):
-            return self.handout.assign(now, self.holding)
+            return self.handout.assign(now, self.holding, ASSIGN_CHUNK)
         return []
 
     def _on_bye(self, identity: bytes, msg: WorkerBye, now: float) -> list[Outgoing]:
@@ -212,7 +218,16 @@ class Dispatcher:
 
     def on_disk_state(self, msg: DiskStateMsg, now: float) -> list[Outgoing]:
         self.disk.on_state(msg, now)
-        return self.handout.assign(now, self.holding) + self.endings.take_outbox()
+        return self.assign_more(now)
+
+    def assign_more(self, now: float) -> list[Outgoing]:
+        """Up to ASSIGN_CHUNK jobs for the credits waiting; ``more_to_assign`` then says
+        whether credits were left (the server calls again after serving status requests)."""
+        return self.handout.assign(now, self.holding, ASSIGN_CHUNK) + self.endings.take_outbox()
+
+    @property
+    def more_to_assign(self) -> bool:
+        return self.handout.more
 
     def stalled(self, seconds: float, now: float) -> None:
         """The loop could not run for ``seconds`` (blocked, or the machine suspended): the
@@ -237,7 +252,7 @@ class Dispatcher:
         self.effects.poll_storage(now)
         if self.started:
             self.controls.tick(now)
-        return self.handout.assign(now, self.holding) + self.endings.take_outbox()
+        return self.assign_more(now)
 
     def _write_deadlines(self, now: float) -> None:
         """The deadlines heartbeats extended, in one short transaction per tick rather than
@@ -275,7 +290,8 @@ class Dispatcher:
                                  "the database); try again", result={"error": "unavailable"})
             return reply, []
         reply = self.controls.handle(msg, now)
-        return reply, self.endings.take_outbox() + self.handout.assign(now, self.holding) + \
+        sent = self.endings.take_outbox()
+        return reply, sent + self.handout.assign(now, self.holding, ASSIGN_CHUNK) + \
             self.endings.take_outbox()
 
     def begin_stop(self, now: float, everyone_stops: bool) -> None:
@@ -291,13 +307,15 @@ class Dispatcher:
         """Nothing runnable is queued and nothing is in flight (or waiting to be written)."""
         if self.leases or not self.started:
             return False
-        if not self.counts.refresh(self.db, now, force=True):
-            return False
+        if self.options.dry_run and not self.counts.refresh(self.db, now, force=True):
+            return False  # its claims write nothing: only a pass (inline) says what is left
+        if not self.counts.current(self.db, now):
+            return False  # asked for a pass if one is needed
         return not self.counts.runnable_left()
 
     def summary(self, now: float) -> dict:
         """Raises StoreUnavailable when the counts cannot be read now."""
-        if not self.counts.refresh(self.db, now, force=True):
+        if not self.counts.current(self.db, now):
             raise self.db.unavailable()
         result = self.counts.summary()
         if self.options.dry_run:
@@ -310,12 +328,14 @@ class Dispatcher:
         return not self.leases and self.counts.queue_empty
 
     def snapshot(self, now: float) -> StatusSnapshot:
+        self.counts.collect()
         by_owner = self.leases.by_owner()
         workers = sorted(self.sessions.workers.items(), key=lambda item: item[1].worker_id)
         health = self.db.health
         return StatusSnapshot(
             now=now, dry_run=self.options.dry_run, anime_id=self.options.anime_id,
-            stopping=self.stopping, counts=self.counts.counts, detail=self.counts.detail,
+            stopping=self.stopping, counts=self.counts.stage_counts(),
+            detail=self.counts.queue_detail(),
             counted_at=self.counts.counted_at, failures=self.counts.failures,
             workers=[(seen, by_owner.get(identity)) for identity, seen in workers],
             disk_config=self.config.disk, disk_state=self.admission.state,

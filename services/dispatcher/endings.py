@@ -122,7 +122,9 @@ class Endings:
     def _drop(self, lease: Lease, now: float) -> None:
         self.leases.pop(lease.job.id, None)
         self.admission.release(lease.job.id, now)
-        self.counts.changed(requeued=lease.ending is None or lease.ending.kind == REQUEUE)
+        kind = lease.ending.kind if lease.ending is not None else None
+        # A landing changes only the stage counts, which follow the store's moves.
+        self.counts.changed(requeued=kind in (None, REQUEUE), detail=kind != LAND)
 
     def _landed(self, lease: Lease, stage: str | None, now: float) -> None:
         e, job = lease.ending, lease.job
@@ -146,6 +148,7 @@ class Endings:
 
     def _failed(self, lease: Lease, stage: str | None, now: float) -> None:
         assert lease.ending is not None
+        self._record_failure(lease, lease.ending.error or "failed", now)
         self.retries.forget(lease.job.id)
         self.settlement.cleanup(lease.job.id)
         log.error(kv("failed", **context(lease), error=lease.ending.error))
@@ -163,12 +166,22 @@ class Endings:
         self.retries.requeued(job.id, e, stage)
         ctx = dict(context(lease), reason=e.reason or None, source=e.source or None)
         if stage == STAGE_FAILED:
+            if e.error is not None:  # else the row keeps its last error: the next pass says it
+                self._record_failure(lease, e.error, now)
             self.settlement.cleanup(job.id)
             log.error(kv("failed after retries", error=e.error, **ctx))
         elif e.count_retry:
             log.warning(kv("retry scheduled", error=e.error, **ctx))
         else:
             log.info(kv("requeued without counting a retry", error=e.error, **ctx))
+
+    def _record_failure(self, lease: Lease, error: str, now: float) -> None:
+        """Shown in the status's recent failures at once (counts.py), as the count is."""
+        if not getattr(self.db.store, "writes", True):
+            return  # a dry run records no failure
+        job = lease.job
+        self.counts.failed({"id": job.id, "anime_id": job.anime_id, "anime_title": job.anime_title,
+                            "episode": job.episode, "error": error, "at": now})
 
     def changed_elsewhere(self, lease: Lease, now: float) -> None:
         """The row is not the attempt we hold any more: another program changed it. It is

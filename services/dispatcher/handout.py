@@ -40,18 +40,27 @@ class Handout:
         self.counts, self.settlement, self.endings, self.effects = counts, settlement, endings, effects
         # total_bandwidth_mbps now: the config's, until an operator changes it (controls.py)
         self.total_bandwidth_mbps = config.downloader.total_bandwidth_mbps
+        self.more = False  # the last assign stopped at its limit with credits left
 
     @property
     def lease_seconds(self) -> float:
         return self.config.queue.lease_seconds
 
-    def assign(self, now: float, hold: bool) -> list[Outgoing]:
+    def assign(self, now: float, hold: bool, limit: int | None = None) -> list[Outgoing]:
         """One JobAssign per credit while there is work and room; ``hold``: hand out
-        nothing (not started yet, or stopping)."""
+        nothing (not started yet, or stopping). ``limit``: claims at most, then ``more``
+        says whether credits were left waiting (a hundred idle workers after a pause are
+        a hundred claims: the loop serves status requests between its chunks)."""
         out: list[Outgoing] = []
+        claims = 0
+        self.more = False
         while self.sessions.idle and not hold:
             if self.disk.refusal(now) or self.counts.nothing_to_claim(now):
                 break
+            if limit is not None and claims >= limit:
+                self.more = True
+                break
+            claims += 1
             identity, (seq, _) = next(iter(self.sessions.idle.items()))
             try:
                 job = self.db.write(now, self.db.store.claim_next, identity.decode(),
@@ -61,7 +70,7 @@ class Handout:
             if job is None:
                 self.counts.queue_empty = True
                 break
-            self.counts.changed()
+            # No counts.changed(): the store counts the claim's move (counts.py).
             if self._dispose_unrunnable(job, now):
                 continue
             self.sessions.used(identity, seq)

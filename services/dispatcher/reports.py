@@ -112,7 +112,7 @@ class Reports:
         self.sessions.idle.pop(identity, None)
         if msg.reason == REASON_DRY_RUN:  # nothing to write (the store writes nothing)
             self.leases.pop(msg.job_id)
-            self.disk.admission.reservations.pop(msg.job_id, None)  # nothing written: nothing settles
+            self.disk.admission.discard(msg.job_id)  # nothing written: nothing settles
             self.recent.dry_run_done += 1
             log.info(kv("dry run: would run", argv=msg.argv, **context(lease)))
             return ack

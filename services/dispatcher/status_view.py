@@ -1,10 +1,11 @@
 """The status document served to ``anime-status`` (shape documented in docs/status-json.md).
 
 Built from a ``StatusSnapshot`` (snapshot.py) of what the dispatcher keeps in memory,
-never from a query per request: the stage counts, the queue detail and the recent
-failures are refreshed by ``QueueCounts`` (counts.py: at most once a second after a
-change, including a commit by another program, and every 5 min); workers, leases and
-the disk state are live. A request costs O(workers + leases + episodes landed in the
+never from a query per request: the stage counts are the last pass over the queue plus
+the dispatcher's own moves since (exact as each write commits), the queue detail and
+the recent failures are the last pass's (``QueueCounts``, counts.py: passes on a thread,
+after another program's commit, and every 5 min); workers, leases and the disk state are
+live. A request costs O(workers + leases + episodes landed in the
 last hour).
 """
 

@@ -21,14 +21,14 @@ import logging
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Any, Callable, Iterable, TypeVar
 
 import peewee
 
 from shared import models
 from shared.lifecycle import kv
-from shared.models import (STAGE_CANCELLED, STAGE_DOWNLOADED, STAGE_DOWNLOADING, STAGE_FAILED,
-                           STAGE_QUEUED, Job)
+from shared.models import (OWN_STAGES, STAGE_CANCELLED, STAGE_DOWNLOADED, STAGE_DOWNLOADING,
+                           STAGE_FAILED, STAGE_QUEUED, Job)
 from shared.reasons import top_reasons
 
 log = logging.getLogger(__name__)
@@ -135,6 +135,8 @@ STATE_MANUAL_PAUSE = "manual_pause"  # downloader_state key: the operator's paus
 class SqlJobStore:
     """The real queue. Only the dispatcher constructs one; ``open`` before anything else."""
 
+    writes = True  # DryRunStore: False (its writes change nothing)
+
     def __init__(self, db_path: Path, anime_id: int | None = None,
                  busy_timeout_ms: int = LOOP_BUSY_TIMEOUT_MS) -> None:
         self.db_path = db_path
@@ -143,6 +145,14 @@ class SqlJobStore:
         self.anime_id = anime_id
         self._claim_sql = _CLAIM_SQL.format(
             anime_filter="AND j.anime_id = ?" if anime_id is not None else "")
+        # The stage changes of our own committed writes since open, net per stage (counts.py
+        # adds those since a pass over the queue to that pass's counts: exact, no scan).
+        self.moves: dict[str, int] = dict.fromkeys(OWN_STAGES, 0)
+
+    def _moved(self, old: str, new: str) -> None:
+        """A committed write moved one row from stage ``old`` to ``new``."""
+        self.moves[old] = self.moves.get(old, 0) - 1
+        self.moves[new] = self.moves.get(new, 0) + 1
 
     @weather
     def open(self) -> None:
@@ -169,7 +179,10 @@ class SqlJobStore:
         params.append(now)
         with self.db.atomic():  # the selection is read under the same lock: all or nothing
             row = self.db.execute_sql(self._claim_sql, params).fetchone()
-            return self._with_selection(row) if row is not None else None
+            job = self._with_selection(row) if row is not None else None
+        if job is not None:
+            self._moved(STAGE_QUEUED, STAGE_DOWNLOADING)
+        return job
 
     def _with_selection(self, row: tuple) -> ClaimedJob:
         job_id, anime_id, title, episode, attempt, retry_count, max_retries = row
@@ -189,7 +202,10 @@ class SqlJobStore:
                 "next_attempt_at = NULL WHERE id = ? AND stage = 'queued' AND attempt = ? "
                 "RETURNING id, anime_id, anime_title, episode, attempt, retry_count, max_retries",
                 [owner, deadline, job_id, attempt]).fetchone()
-            return self._with_selection(row) if row else None
+            job = self._with_selection(row) if row else None
+        if job is not None:
+            self._moved(STAGE_QUEUED, STAGE_DOWNLOADING)
+        return job
 
     @weather
     def extend_leases(self, leases: list[tuple[int, int, float]]) -> list[int]:
@@ -212,17 +228,23 @@ class SqlJobStore:
                         duration: float | None, now: float,
                         stages: tuple[str, ...] = (STAGE_DOWNLOADING,)) -> bool:
         """Record the landing of ``attempt``; False if the row is not that attempt in
-        one of ``stages`` any more (a neighbour changed it: nothing is written)."""
-        marks = ", ".join("?" for _ in stages)
+        one of ``stages`` any more (a neighbour changed it: nothing is written). One
+        guarded update per stage, in one transaction: the stage it left is known."""
+        came_from = None
         with self.db.atomic():
-            row = self.db.execute_sql(
-                "UPDATE jobs SET stage = ?, video_path = ?, video_size_bytes = ?, "
-                "video_duration_seconds = ?, error_message = NULL, lease_owner = NULL, "
-                "lease_deadline = NULL, next_attempt_at = NULL, finished_at = ? "
-                f"WHERE id = ? AND attempt = ? AND stage IN ({marks}) RETURNING id",
-                [STAGE_DOWNLOADED, video_path, size, duration, now, job_id, attempt,
-                 *stages]).fetchone()
-        return row is not None
+            for stage in stages:
+                if self.db.execute_sql(
+                        "UPDATE jobs SET stage = ?, video_path = ?, video_size_bytes = ?, "
+                        "video_duration_seconds = ?, error_message = NULL, lease_owner = NULL, "
+                        "lease_deadline = NULL, next_attempt_at = NULL, finished_at = ? "
+                        "WHERE id = ? AND attempt = ? AND stage = ? RETURNING id",
+                        [STAGE_DOWNLOADED, video_path, size, duration, now, job_id, attempt,
+                         stage]).fetchone() is not None:
+                    came_from = stage
+                    break
+        if came_from is not None:
+            self._moved(came_from, STAGE_DOWNLOADED)
+        return came_from is not None
 
     @weather
     def requeue(self, job_id: int, attempt: int, count_retry: bool, error: str | None,
@@ -258,6 +280,7 @@ class SqlJobStore:
                 "WHERE id = ? AND attempt = ? AND stage = ?",
                 [stage, retry_count, error, next_attempt_at,
                  now if stage == STAGE_FAILED else None, job_id, attempt, STAGE_DOWNLOADING])
+        self._moved(STAGE_DOWNLOADING, stage)
         return stage
 
     @weather
@@ -269,6 +292,8 @@ class SqlJobStore:
                 "lease_deadline = NULL, next_attempt_at = NULL, finished_at = ? "
                 "WHERE id = ? AND attempt = ? AND stage = ? RETURNING id",
                 [STAGE_FAILED, error, now, job_id, attempt, STAGE_DOWNLOADING]).fetchone()
+        if row is not None:
+            self._moved(STAGE_DOWNLOADING, STAGE_FAILED)
         return row is not None
 
     # --- reading ------------------------------------------------------------
@@ -306,41 +331,12 @@ class SqlJobStore:
 
     @weather
     def stage_counts(self) -> dict[str, int]:
-        cursor = self.db.execute_sql("SELECT stage, COUNT(*) FROM jobs GROUP BY stage")
-        return {stage: n for stage, n in cursor.fetchall()}
+        return stage_counts(self.db.execute_sql)
 
     @weather
     def queue_detail(self, now: float) -> dict:
         """Counts that need the selection table or the clock; one indexed pass."""
-        anime_filter = "AND j.anime_id = ?" if self.anime_id is not None else ""
-        params: list = [now] + ([self.anime_id] if self.anime_id is not None else [])
-        # The soonest retry among those still backing off: a backoff that ran out (its job
-        # not handed out yet) must not hide the next one.
-        row = self.db.execute_sql(
-            "SELECT SUM(s.mal_id IS NULL), "
-            "SUM(s.mal_id IS NOT NULL AND j.next_attempt_at > ?), "
-            "MIN(CASE WHEN s.mal_id IS NOT NULL AND j.next_attempt_at > ? THEN j.next_attempt_at END), "
-            "COUNT(*) "
-            "FROM jobs j LEFT JOIN anime_selection_cache s ON s.mal_id = j.anime_id "
-            f"WHERE j.stage = 'queued' {anime_filter}", [now, *params]).fetchone()
-        waiting, backing_off, soonest, queued = row
-        return {"waiting_for_selection": waiting or 0, "backing_off": backing_off or 0,
-                "next_retry_at": soonest, "runnable": (queued or 0) - (waiting or 0),
-                "backoff_reasons": self._backoff_reasons(now) if backing_off else []}
-
-    def _backoff_reasons(self, now: float) -> list[dict]:
-        """Why the jobs backing off failed last, grouped (shared/reasons.py); run only
-        when some are. It costs the pass about 15 ms at 1,000 of 100,000 jobs backing
-        off, 60 ms when all are (bench/backoff_reasons.py); the pass's rate limit
-        (counts.py) keeps its share of the loop's time the same."""
-        anime_filter = "AND j.anime_id = ?" if self.anime_id is not None else ""
-        params: list = [now] + ([self.anime_id] if self.anime_id is not None else [])
-        cursor = self.db.execute_sql(
-            "SELECT j.error_message, COUNT(*), MIN(j.next_attempt_at) FROM jobs j "
-            "JOIN anime_selection_cache s ON s.mal_id = j.anime_id "
-            f"WHERE j.stage = 'queued' AND j.next_attempt_at > ? {anime_filter} "
-            "GROUP BY j.error_message", params)
-        return top_reasons(cursor.fetchall())
+        return queue_detail(self.db.execute_sql, now, self.anime_id)
 
     @weather
     def landings_since(self, since: float) -> list[tuple[float, int]]:
@@ -355,10 +351,18 @@ class SqlJobStore:
 
     @weather
     def animes_without_selection(self) -> list[int]:
-        cursor = self.db.execute_sql(
-            "SELECT DISTINCT j.anime_id FROM jobs j LEFT JOIN anime_selection_cache s "
-            "ON s.mal_id = j.anime_id WHERE j.stage = 'queued' AND s.mal_id IS NULL")
-        return [r[0] for r in cursor.fetchall()]
+        return animes_without_selection(self.db.execute_sql)
+
+    @weather
+    def live_job_ids_among(self, job_ids: Iterable[int]) -> set[int]:
+        """Which of ``job_ids`` are queued or downloading: a read per id, not of the whole
+        queue (at a million jobs the set of every live id was 0.7 M ints in memory)."""
+        live = set()
+        for job_id in job_ids:
+            if self.db.execute_sql("SELECT 1 FROM jobs WHERE id = ? AND stage IN (?, ?)",
+                                   [job_id, STAGE_QUEUED, STAGE_DOWNLOADING]).fetchone():
+                live.add(job_id)
+        return live
 
     @weather
     def recent_sizes(self, limit: int = 500) -> list[tuple[int, int]]:
@@ -369,13 +373,7 @@ class SqlJobStore:
 
     @weather
     def recent_failures(self, limit: int = 5) -> list[dict]:
-        query = (Job.select(Job.id, Job.anime_id, Job.anime_title, Job.episode,
-                            Job.error_message, Job.finished_at)
-                 .where(Job.stage == STAGE_FAILED)
-                 .order_by(Job.finished_at.desc(nulls="LAST"), Job.id.desc()).limit(limit))
-        return [{"id": j.id, "anime_id": j.anime_id, "anime_title": j.anime_title,
-                 "episode": j.episode, "error": j.error_message, "at": j.finished_at}
-                for j in query]
+        return recent_failures(self.db.execute_sql, limit)
 
     @weather
     def downloaded_since(self, since: float) -> tuple[int, int]:
@@ -432,6 +430,8 @@ class SqlJobStore:
             hurried = [row[0] for row in self.db.execute_sql(
                 f"UPDATE jobs SET next_attempt_at = NULL WHERE stage = ? AND {where} "
                 "AND next_attempt_at > ? RETURNING id", [STAGE_QUEUED, *params, now])]
+        for _ in revived:
+            self._moved(STAGE_FAILED, STAGE_QUEUED)
         return [tuple(row) for row in revived], sorted(hurried)
 
     @weather
@@ -443,6 +443,8 @@ class SqlJobStore:
                 "UPDATE jobs SET stage = ?, next_attempt_at = NULL, finished_at = ? "
                 "WHERE id = ? AND stage = ? RETURNING id",
                 [STAGE_CANCELLED, now, job_id, stage]).fetchone()
+        if row is not None:
+            self._moved(stage, STAGE_CANCELLED)
         return row is not None
 
     @weather
@@ -455,6 +457,8 @@ class SqlJobStore:
                 "next_attempt_at = NULL, finished_at = ? WHERE id = ? AND attempt = ? "
                 "AND stage = ? RETURNING id",
                 [STAGE_CANCELLED, now, job_id, attempt, STAGE_DOWNLOADING]).fetchone()
+        if row is not None:
+            self._moved(STAGE_DOWNLOADING, STAGE_CANCELLED)
         return row is not None
 
     @weather
@@ -493,3 +497,121 @@ class SqlJobStore:
             f"SELECT id, stage FROM jobs WHERE id IN ({', '.join('?' for _ in job_ids)})",
             list(job_ids))
         return dict(cursor.fetchall())
+
+# --- passes over the whole queue ------------------------------------------------------
+# Each reads every queued (or failed) row: 80-150 ms at a million jobs. The dispatcher runs
+# them off its loop on a connection of their own (QueueReader, counts.py); ``execute`` is
+# a connection's execute, so the loop's store and the reader share the SQL.
+
+Execute = Callable[[str, list], Any]
+
+
+def stage_counts(execute: Execute) -> dict[str, int]:
+    return {stage: n for stage, n in
+            execute("SELECT stage, COUNT(*) FROM jobs GROUP BY stage", []).fetchall()}
+
+
+def queue_detail(execute: Execute, now: float, anime_id: int | None = None) -> dict:
+    """Counts that need the selection table or the clock; one indexed pass."""
+    anime_filter = "AND j.anime_id = ?" if anime_id is not None else ""
+    params: list = [now] + ([anime_id] if anime_id is not None else [])
+    # The soonest retry among those still backing off: a backoff that ran out (its job
+    # not handed out yet) must not hide the next one.
+    row = execute(
+        "SELECT SUM(s.mal_id IS NULL), "
+        "SUM(s.mal_id IS NOT NULL AND j.next_attempt_at > ?), "
+        "MIN(CASE WHEN s.mal_id IS NOT NULL AND j.next_attempt_at > ? THEN j.next_attempt_at END), "
+        "COUNT(*) "
+        "FROM jobs j LEFT JOIN anime_selection_cache s ON s.mal_id = j.anime_id "
+        f"WHERE j.stage = 'queued' {anime_filter}", [now, *params]).fetchone()
+    waiting, backing_off, soonest, queued = row
+    return {"waiting_for_selection": waiting or 0, "backing_off": backing_off or 0,
+            "next_retry_at": soonest, "runnable": (queued or 0) - (waiting or 0),
+            "backoff_reasons": backoff_reasons(execute, now, anime_id) if backing_off else []}
+
+
+def backoff_reasons(execute: Execute, now: float, anime_id: int | None = None) -> list[dict]:
+    """Why the jobs backing off failed last, grouped (shared/reasons.py); run only when
+    some are. It costs the pass about 15 ms at 1,000 of 100,000 jobs backing off, 60 ms
+    when all are (bench/backoff_reasons.py); the pass runs off the loop (counts.py)."""
+    anime_filter = "AND j.anime_id = ?" if anime_id is not None else ""
+    params: list = [now] + ([anime_id] if anime_id is not None else [])
+    cursor = execute(
+        "SELECT j.error_message, COUNT(*), MIN(j.next_attempt_at) FROM jobs j "
+        "JOIN anime_selection_cache s ON s.mal_id = j.anime_id "
+        f"WHERE j.stage = 'queued' AND j.next_attempt_at > ? {anime_filter} "
+        "GROUP BY j.error_message", params)
+    return top_reasons(cursor.fetchall())
+
+
+def animes_without_selection(execute: Execute) -> list[int]:
+    return [r[0] for r in execute(
+        "SELECT DISTINCT j.anime_id FROM jobs j LEFT JOIN anime_selection_cache s "
+        "ON s.mal_id = j.anime_id WHERE j.stage = 'queued' AND s.mal_id IS NULL", []).fetchall()]
+
+
+def recent_failures(execute: Execute, limit: int = 5) -> list[dict]:
+    rows = execute(
+        "SELECT id, anime_id, anime_title, episode, error_message, finished_at FROM jobs "
+        "WHERE stage = ? ORDER BY finished_at IS NULL, finished_at DESC, id DESC LIMIT ?",
+        [STAGE_FAILED, limit]).fetchall()
+    return [{"id": i, "anime_id": a, "anime_title": t, "episode": e, "error": err, "at": at}
+            for i, a, t, e, err, at in rows]
+
+
+@dataclass
+class QueueTally:
+    """One pass over the queue, all of it as of one moment (one read transaction)."""
+    counts: dict[str, int]
+    detail: dict
+    failures: list[dict]
+    without_selection: list[int] | None  # None: not asked for
+
+
+def tally(execute: Execute, now: float, anime_id: int | None, with_without: bool) -> QueueTally:
+    return QueueTally(stage_counts(execute), queue_detail(execute, now, anime_id),
+                      recent_failures(execute),
+                      animes_without_selection(execute) if with_without else None)
+
+
+class QueueReader:
+    """A read-only connection of its own for the passes over the whole queue, which a
+    thread runs while the loop goes on. ``pin`` (on the loop, microseconds) opens a read
+    transaction: in WAL mode the pass then sees the database as it was at that moment,
+    whatever is committed while it runs, so the loop knows which of its own writes the
+    pass has seen (those before the pin). ``tally`` (on the thread) runs the pass and
+    ends the transaction. Never used by two threads at once."""
+
+    def __init__(self, db_path: Path, anime_id: int | None = None) -> None:
+        self.db_path = db_path
+        self.anime_id = anime_id
+        self.conn: sqlite3.Connection | None = None
+
+    @weather
+    def pin(self) -> None:
+        if self.conn is None:
+            self.conn = sqlite3.connect(str(self.db_path), isolation_level=None,
+                                        check_same_thread=False,
+                                        timeout=LOOP_BUSY_TIMEOUT_MS / 1000)
+            self.conn.execute("PRAGMA query_only = 1")
+        if self.conn.in_transaction:
+            self.conn.execute("ROLLBACK")
+        self.conn.execute("BEGIN")
+        try:  # the first read takes the snapshot
+            self.conn.execute("SELECT 1 FROM jobs LIMIT 1").fetchall()
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+
+    @weather
+    def tally(self, now: float, with_without: bool) -> QueueTally:
+        assert self.conn is not None and self.conn.in_transaction, "pin() first"
+        try:
+            return tally(self.conn.execute, now, self.anime_id, with_without)
+        finally:
+            self.conn.execute("ROLLBACK")
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None

@@ -20,6 +20,8 @@ from services.dispatcher.store import (LOOP_BUSY_TIMEOUT_MS, ClaimedJob, LeaseRo
 class DryRunStore(SqlJobStore):
     """The queue as it is, read once, handed out in memory; the file is never written."""
 
+    writes = False
+
     def __init__(self, db_path: Path, anime_id: int | None = None,
                  busy_timeout_ms: int = LOOP_BUSY_TIMEOUT_MS) -> None:
         if not db_path.exists():

@@ -80,6 +80,7 @@ class CountingStore:
         self.queued = 1
         self.next_retry_at: float | None = None
         self.without: list[int] = []
+        self.moves: dict[str, int] = {}
 
     def changed_elsewhere(self) -> bool:
         changed, self.external = self.external, False
