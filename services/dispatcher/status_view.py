@@ -50,6 +50,8 @@ def _queue(s: StatusSnapshot) -> dict:
         "counted_at": s.counted_at if s.counted_at > 0 else None,
         # animes with jobs to do at a priority that is not normal (0), highest first
         "priorities": list(s.priorities),
+        # the busiest series, as of the last pass (store.by_anime)
+        "by_anime": list(detail.get("by_anime") or []),
     }
 
 

@@ -527,7 +527,35 @@ def queue_detail(execute: Execute, now: float, anime_id: int | None = None) -> d
     waiting, backing_off, soonest, queued = row
     return {"waiting_for_selection": waiting or 0, "backing_off": backing_off or 0,
             "next_retry_at": soonest, "runnable": (queued or 0) - (waiting or 0),
-            "backoff_reasons": backoff_reasons(execute, now, anime_id) if backing_off else []}
+            "backoff_reasons": backoff_reasons(execute, now, anime_id) if backing_off else [],
+            "by_anime": by_anime(execute, anime_id)}
+
+
+BY_ANIME_KEPT = 50  # rows of queue.by_anime: the busiest series
+
+
+def by_anime(execute: Execute, anime_id: int | None = None,
+             limit: int = BY_ANIME_KEPT) -> list[dict]:
+    """The series with work left or failures, busiest first (downloading, then the
+    highest priority of what is left, then failed, then queued): their jobs by stage and
+    that priority. One walk of idx_jobs_anime_claim (anime_id, stage, priority: it
+    covers the query, no table row is read), then a title lookup per row shown."""
+    where, params = ("WHERE anime_id = ?", [anime_id]) if anime_id is not None else ("", [])
+    rows = execute(
+        "SELECT anime_id, SUM(stage = 'queued') AS q, SUM(stage = 'downloading') AS d, "
+        "SUM(stage = 'downloaded'), SUM(stage = 'failed') AS f, "
+        "MAX(CASE WHEN stage IN ('queued', 'downloading') THEN priority END) AS p "
+        f"FROM jobs {where} GROUP BY anime_id HAVING q + d + f > 0 "
+        "ORDER BY d DESC, COALESCE(p, 0) DESC, f DESC, q DESC, anime_id LIMIT ?",
+        [*params, limit]).fetchall()
+    out = []
+    for mal_id, queued, downloading, downloaded, failed, priority in rows:
+        title = execute("SELECT anime_title FROM jobs WHERE anime_id = ? LIMIT 1",
+                        [mal_id]).fetchone()
+        out.append({"anime_id": mal_id, "anime_title": title[0] if title else None,
+                    "queued": queued, "downloading": downloading, "downloaded": downloaded,
+                    "failed": failed, "priority": priority or 0})
+    return out
 
 
 def backoff_reasons(execute: Execute, now: float, anime_id: int | None = None) -> list[dict]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from services.dispatcher.counts import QueueCounts, ThreadPasses
 from services.dispatcher.db_health import Database
-from services.dispatcher.store import QueueReader, QueueTally, SqlJobStore
+from services.dispatcher.store import QueueReader, QueueTally, SqlJobStore, by_anime
 from services.enqueue import enqueue
 
 NOW = 1_000_000.0
@@ -170,3 +170,31 @@ def test_our_own_failure_is_in_the_recent_failures_at_once_and_after_the_pass(tm
     finally:
         counts.passes.close()
         store.close()
+
+
+def test_the_queue_by_anime_counts_each_series_busiest_first(tmp_path: Path) -> None:
+    """queue.by_anime (the web page's table): per series its jobs by stage and the highest
+    priority of what is left; a series with nothing left (all downloaded) is not listed;
+    downloading first, then priority, then failures."""
+    path = database(tmp_path, 4)  # 5114: 4 queued; 9999: 2 queued (no selection)
+    enqueue(path, 30, "Done Show", [1, 2], 1, (1, "Done Show", "high"))
+    enqueue(path, 40, "Failing Show", [1, 2, 3], 1, (1, "Failing Show", "high"))
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute("UPDATE jobs SET stage = 'downloaded' WHERE anime_id = 30")
+        conn.execute("UPDATE jobs SET stage = 'failed' WHERE anime_id = 40 AND episode = 1")
+        conn.execute("UPDATE jobs SET stage = 'downloading' WHERE anime_id = 5114 AND episode = 1")
+        conn.execute("UPDATE jobs SET stage = 'downloaded' WHERE anime_id = 5114 AND episode = 2")
+    store = SqlJobStore(path)
+    store.open()  # the dispatcher's columns (priority) and indexes
+    with store.db.atomic():
+        store.db.execute_sql("UPDATE jobs SET priority = 10 WHERE anime_id = 9999")
+    rows = by_anime(conn.execute)
+    assert [r["anime_id"] for r in rows] == [5114, 9999, 40]
+    assert rows[0] == {"anime_id": 5114, "anime_title": "Show", "queued": 2, "downloading": 1,
+                       "downloaded": 1, "failed": 0, "priority": 0}
+    assert rows[1]["priority"] == 10 and rows[1]["queued"] == 2
+    assert (rows[2]["failed"], rows[2]["queued"], rows[2]["anime_title"]) == (1, 2, "Failing Show")
+    assert [r["anime_id"] for r in by_anime(conn.execute, anime_id=40)] == [40]
+    assert len(by_anime(conn.execute, limit=1)) == 1
+    conn.close()

@@ -49,7 +49,9 @@ def sample(title: str = "Fullmetal Alchemist: Brotherhood") -> dict:
                                                  "Episode not released!",
                                        "count": 2, "next_retry_at": NOW + 300}],
                   "other_stages": {"transcribed": 900}, "counted_at": NOW - 1,
-                  "cancelled": 0, "priorities": []},
+                  "cancelled": 0, "priorities": [],
+                  "by_anime": [{"anime_id": 5114, "anime_title": "Show", "queued": 2,
+                                "downloading": 1, "downloaded": 1, "failed": 0, "priority": 0}]},
         "workers": [
             {"id": "w01", "host": "h", "state": "downloading", "last_seen_seconds": 0.4, "job": job},
             {"id": "w02", "host": "h", "state": "verifying", "last_seen_seconds": 0.1,
