@@ -200,6 +200,17 @@ def test_the_buttons_pause_retry_cancel_and_resume(make_system, browser, tmp_pat
     wait_for(lambda: header(browser)["state"] == "paused_operator", 10,
              "the header to say paused by the operator")
 
+    # the queue by anime: the downloading series first, the failed one with its retry button
+    wait_for(lambda: js(browser, "return !!document.querySelector("
+                                 "'#by-anime [data-retry-anime=\"5151\"]')"), 20,
+             "the queue by anime to show the failed series with its retry button")
+    rows = js(browser, "return [...document.querySelectorAll('#by-anime tbody tr')]"
+                       ".map((r) => r.dataset.anime)")
+    assert rows == [str(MAL_ID), "5151"], rows
+    answer = click(browser, f"#by-anime [data-priority-anime='{MAL_ID}'][data-priority-to='10']")
+    assert answer.startswith(f"MAL ID {MAL_ID}: 1 job at priority high"), answer
+    assert system.query("SELECT priority FROM jobs WHERE id = 2") == [(10,)]
+
     broken["episode_behaviour"] = {}  # the site has the episode now
     system.write_catalog(catalog)
     assert click(browser, "#failure-list [data-retry-job='1']") == "1 failed job back in the queue"
