@@ -8,9 +8,11 @@ not twice and not never; a neighbour's commit is seen by the next pass.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 from pathlib import Path
+from typing import Iterator
 
 from services.dispatcher.counts import QueueCounts, ThreadPasses
 from services.dispatcher.db_health import Database
@@ -47,6 +49,20 @@ def truth(path: Path) -> dict[str, int]:
         conn.close()
 
 
+@contextlib.contextmanager
+def passes_over(path: Path) -> Iterator[tuple[SqlJobStore, HeldReader, QueueCounts, Database]]:
+    """The loop's store, a held reader for the passes, the counts over both."""
+    store = SqlJobStore(path)
+    store.open()
+    reader = HeldReader(path)
+    counts = QueueCounts(passes=ThreadPasses(reader))
+    try:
+        yield store, reader, counts, Database(store)
+    finally:
+        counts.passes.close()
+        store.close()
+
+
 def wait_collected(counts: QueueCounts, db: Database, now: float) -> None:
     done = threading.Event()
     for _ in range(1000):
@@ -60,12 +76,7 @@ def wait_collected(counts: QueueCounts, db: Database, now: float) -> None:
 
 def test_own_writes_between_the_snapshot_and_the_pass_are_counted_once(tmp_path: Path) -> None:
     path = database(tmp_path, 20)
-    store = SqlJobStore(path)
-    store.open()
-    reader = HeldReader(path)
-    counts = QueueCounts(passes=ThreadPasses(reader))
-    db = Database(store)
-    try:
+    with passes_over(path) as (store, reader, counts, db):
         reader.go.set()
         counts.refresh(db, NOW, force=True)
         wait_collected(counts, db, NOW)
@@ -89,20 +100,12 @@ def test_own_writes_between_the_snapshot_and_the_pass_are_counted_once(tmp_path:
         assert counts.base == {"queued": 22}
         assert counts.stage_counts() == truth(path)
         assert counts.queue_detail()["runnable"] == 17
-    finally:
-        counts.passes.close()
-        store.close()
 
 
 def test_a_neighbours_commit_is_counted_by_the_next_pass(tmp_path: Path) -> None:
     path = database(tmp_path, 5)
-    store = SqlJobStore(path)
-    store.open()
-    reader = HeldReader(path)
-    reader.go.set()
-    counts = QueueCounts(passes=ThreadPasses(reader))
-    db = Database(store)
-    try:
+    with passes_over(path) as (store, reader, counts, db):
+        reader.go.set()
         counts.refresh(db, NOW, force=True)
         wait_collected(counts, db, NOW)
         job = store.claim_next("w1/s", NOW + 60, NOW)
@@ -115,20 +118,12 @@ def test_a_neighbours_commit_is_counted_by_the_next_pass(tmp_path: Path) -> None
         assert counts.current(db, NOW + 1)
         assert counts.stage_counts() == truth(path) == {
             "queued": 6, "downloading": 1, "transcribed": 1}
-    finally:
-        counts.passes.close()
-        store.close()
 
 
 def test_a_pass_runs_off_the_calling_thread(tmp_path: Path) -> None:
     """While the pass waits (as a long one would), the loop's own connection goes on."""
     path = database(tmp_path, 3)
-    store = SqlJobStore(path)
-    store.open()
-    reader = HeldReader(path)
-    counts = QueueCounts(passes=ThreadPasses(reader))
-    db = Database(store)
-    try:
+    with passes_over(path) as (store, reader, counts, db):
         assert counts.refresh(db, NOW, force=True)  # returns at once, the pass held
         assert counts.passes.running and counts.counted_at < 0
         assert store.claim_next("w1/s", NOW + 60, NOW) is not None
@@ -136,20 +131,12 @@ def test_a_pass_runs_off_the_calling_thread(tmp_path: Path) -> None:
         reader.go.set()
         wait_collected(counts, db, NOW)
         assert counts.stage_counts() == truth(path)
-    finally:
-        counts.passes.close()
-        store.close()
 
 
 def test_our_own_failure_is_in_the_recent_failures_at_once_and_after_the_pass(tmp_path: Path) -> None:
     path = database(tmp_path, 3)
-    store = SqlJobStore(path)
-    store.open()
-    reader = HeldReader(path)
-    reader.go.set()
-    counts = QueueCounts(passes=ThreadPasses(reader))
-    db = Database(store)
-    try:
+    with passes_over(path) as (store, reader, counts, db):
+        reader.go.set()
         counts.refresh(db, NOW, force=True)
         wait_collected(counts, db, NOW)
         reader.go.clear()
@@ -167,9 +154,6 @@ def test_our_own_failure_is_in_the_recent_failures_at_once_and_after_the_pass(tm
         counts.refresh(db, NOW + 20, force=True)
         wait_collected(counts, db, NOW + 20)  # this pass saw it: the database's row
         assert [(f["id"], f["error"]) for f in counts.failures] == [(job.id, "no valid sources")]
-    finally:
-        counts.passes.close()
-        store.close()
 
 
 def test_the_queue_by_anime_counts_each_series_busiest_first(tmp_path: Path) -> None:
