@@ -46,6 +46,9 @@ ADDED_COLUMNS = {
     "started_at": "REAL",
     "finished_at": "REAL",
     "video_duration_seconds": "REAL",
+    # Failures that know what they are (shared/failures.py, docs/failures.md):
+    "unreleased_since": "REAL",  # first "not released" of the episode; waits for a re-check
+    "failure_class": "TEXT",  # the class of the last failed attempt
 }
 
 INDEXES = {
@@ -91,6 +94,8 @@ class Job(_Base):
     started_at = peewee.FloatField(null=True)
     finished_at = peewee.FloatField(null=True)
     video_duration_seconds = peewee.FloatField(null=True)
+    unreleased_since = peewee.FloatField(null=True)
+    failure_class = peewee.TextField(null=True)
 
     class Meta:
         table_name = "jobs"

@@ -89,7 +89,7 @@ class Dispatcher:
                                self.settlement, self.recent, self.disk)
         self.handout = Handout(config, self.options.dry_run, self.options.workers, self.db,
                                self.leases, self.sessions, self.disk, self.counts,
-                               self.settlement, self.endings, effects)
+                               self.settlement, self.endings, effects, self.retries.holds)
         self.reports = Reports(config.queue.lease_seconds, self.options.dry_run, self.db,
                                self.leases, self.sessions, self.disk, self.retries,
                                self.settlement, self.endings, self.handout, self.recent)
@@ -296,4 +296,7 @@ class Dispatcher:
             refusal=self.admission.refusal(now), last_hour=self.recent.last_hour(now),
             title_mismatches=list(self.recent.title_mismatches),
             db_busy_since=health.busy_since, db_error=health.error,
-            pending_writes=self.leases.pending_writes() if health.busy_since is not None else 0)
+            pending_writes=self.leases.pending_writes() if health.busy_since is not None else 0,
+            failure_classes=self.recent.failure_classes(now),
+            selection_review=list(self.counts.selection_review),
+            holds=self.retries.holds.active(now))

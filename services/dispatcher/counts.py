@@ -32,6 +32,7 @@ class QueueCounts:
         self.counts: dict[str, int] = {}
         self.detail: dict = {}
         self.failures: list[dict] = []
+        self.selection_review: list[dict] = []  # anime whose jobs failed on their selection
         self.counted_at = -1e18
         self.queue_empty = False  # the last claim found nothing runnable
         self.no_selection_logged: set[int] = set()
@@ -51,12 +52,18 @@ class QueueCounts:
         out since."""
         if not self.queue_empty:
             return False
-        retry_at = self.detail.get("next_retry_at")
+        retry_at = self._soonest()
         if retry_at is None or now < retry_at:
             return True
-        self.queue_empty = False  # a backoff ran out since the queue looked empty
-        self.detail["next_retry_at"] = None
+        self.queue_empty = False  # a backoff (or a release's re-check) ran out since
+        self.detail["next_retry_at"] = self.detail["next_recheck_at"] = None
         return False
+
+    def _soonest(self) -> float | None:
+        """The next backoff or re-check of a release to run out (None: none waits)."""
+        times = [t for t in (self.detail.get("next_retry_at"), self.detail.get("next_recheck_at"))
+                 if t is not None]
+        return min(times) if times else None
 
     def refresh(self, db: Database, now: float, force: bool = False) -> bool:
         """Refresh the counts if due; False if the database could not be read (the old
@@ -70,12 +77,14 @@ class QueueCounts:
             counts = db.read(now, store.stage_counts)
             detail = db.read(now, store.queue_detail, now)
             failures = db.read(now, store.recent_failures)
+            review = db.read(now, store.selection_review)
             # Only new rows from another program can add a series without a selection.
             without = (db.read(now, store.animes_without_selection)
                        if (self._external or force) else None)
         except StoreUnavailable:
             return False
         self.counts, self.detail, self.failures = counts, detail, failures
+        self.selection_review = review
         self.counted_at, self._dirty, self._external = now, False, False
         self.queue_empty = False
         self._cost = self._perf() - started
@@ -86,7 +95,7 @@ class QueueCounts:
     def _due(self, now: float) -> bool:
         if now - self.counted_at < min(5.0, max(1.0, 25 * self._cost)):
             return False
-        retry_due = (self.detail.get("next_retry_at") or float("inf")) <= now
+        retry_due = (self._soonest() or float("inf")) <= now
         return (self._dirty or self._external or retry_due
                 or now - self.counted_at >= REFRESH_SECONDS)
 
@@ -106,9 +115,12 @@ class QueueCounts:
 
     def summary(self) -> dict:
         """The summary line's figures, from the counts as last refreshed."""
-        return {
+        summary = {
             "downloaded": self.counts.get(STAGE_DOWNLOADED, 0),
             "failed": self.counts.get(STAGE_FAILED, 0),
             "waiting_for_selection": self.detail["waiting_for_selection"],
             "still_queued": self.counts.get(STAGE_QUEUED, 0),
         }
+        if self.detail.get("waiting_for_release"):  # part of still_queued, not runnable
+            summary["waiting_for_release"] = self.detail["waiting_for_release"]
+        return summary

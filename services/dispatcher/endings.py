@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from shared import failures
 from shared.lifecycle import kv
 from shared.models import STAGE_DOWNLOADED, STAGE_DOWNLOADING, STAGE_FAILED, STAGE_QUEUED
 from shared.protocol import JobCancel, JobLanded, Message
@@ -83,11 +84,16 @@ class Endings:
                                    e.video_path, e.size, e.duration, now, e.stages)
             elif e.kind == FAIL:
                 ok = self.db.write(now, store.mark_failed, job.id, job.attempt,
-                                   e.error or "failed", now)
+                                   e.error or "failed", now, e.failure_class)
+            elif e.failure_class == failures.NOT_RELEASED:
+                stage = self.db.write(now, store.await_release, job.id, job.attempt,
+                                      self.retries.release_wait(e.error or "", now), now,
+                                      e.failure_class)
+                ok = stage is not None
             else:
                 stage = self.db.write(now, store.requeue, job.id, job.attempt, e.count_retry,
-                                      e.error, self.retries.backoff_at(now), now,
-                                      self.retries.not_before(job.id, e, now))
+                                      e.error, self.retries.backoff_for(e, now), now,
+                                      self.retries.not_before(job.id, e, now), e.failure_class)
                 ok = stage is not None
         except StoreUnavailable:
             return False
@@ -127,20 +133,36 @@ class Endings:
         assert lease.ending is not None
         self.retries.forget(lease.job.id)
         self.settlement.cleanup(lease.job.id)
-        log.error(kv("failed", **context(lease), error=lease.ending.error))
+        self.recent.failure(now, lease.ending.failure_class)
+        log.error(kv("failed", **context(lease), error=lease.ending.error,
+                     failure_class=lease.ending.failure_class))
 
     def _requeued(self, lease: Lease, stage: str | None, now: float) -> None:
         e, job = lease.ending, lease.job
         assert e is not None
         self.retries.requeued(job.id, e, stage)
-        ctx = dict(context(lease), reason=e.reason or None)
-        if stage == STAGE_FAILED:
+        self.recent.failure(now, e.failure_class)
+        ctx = dict(context(lease), reason=e.reason or None, failure_class=e.failure_class)
+        if e.failure_class == failures.NOT_RELEASED:
+            self._unreleased(lease, stage, ctx)
+        elif stage == STAGE_FAILED:
             self.settlement.cleanup(job.id)
             log.error(kv("failed after retries", error=e.error, **ctx))
         elif e.count_retry:
             log.warning(kv("retry scheduled", error=e.error, **ctx))
         else:
             log.info(kv("requeued without counting a retry", error=e.error, **ctx))
+
+    def _unreleased(self, lease: Lease, stage: str | None, ctx: dict) -> None:
+        assert lease.ending is not None
+        if stage == STAGE_FAILED:
+            self.settlement.cleanup(lease.job.id)
+            log.error(kv("failed: the episode was never released", error=lease.ending.error,
+                         **ctx))
+        else:
+            log.info(kv("not released yet: waiting for a re-check, no retry counted",
+                        said=(lease.ending.error or "?").splitlines()[-1],
+                        recheck_hours=self.retries.recheck_seconds / 3600, **ctx))
 
     def changed_elsewhere(self, lease: Lease, now: float) -> None:
         """The row is not the attempt we hold any more: another program changed it. It is

@@ -36,6 +36,8 @@ class Ending:
     duration: float | None = None
     stages: tuple[str, ...] = (STAGE_DOWNLOADING,)  # where the row may be, for LAND
     settled: str | None = None  # LAND of a file found in place: why (for the log)
+    failure_class: str | None = None  # shared/failures.py: what kind of failure it was
+    hold_until: float | None = None  # a Cloudflare block: its host's hold (holds.py)
 
 
 @dataclass

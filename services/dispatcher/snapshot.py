@@ -9,7 +9,7 @@ read at once and not kept.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from shared.config import DiskConfig
 from shared.protocol import DiskStateMsg
@@ -43,3 +43,7 @@ class StatusSnapshot:
     db_busy_since: float | None
     db_error: str | None
     pending_writes: int
+    # failures that know what they are (docs/failures.md)
+    failure_classes: dict = field(default_factory=dict)  # class -> failed attempts, last hour
+    selection_review: list[dict] = field(default_factory=list)  # anime to look at
+    holds: list[dict] = field(default_factory=list)  # hosts held after a Cloudflare block

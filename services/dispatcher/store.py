@@ -93,6 +93,15 @@ class JobRow:
     video_path: str | None
 
 
+@dataclass(frozen=True)
+class ReleaseWait:
+    """What becomes of a job whose episode is not released yet (retries.py decides)."""
+    stage: str  # queued (waits for a re-check) or failed (waited long enough)
+    next_attempt_at: float | None
+    error: str
+    since: float  # unreleased_since: the first "not released"
+
+
 @dataclass
 class LeaseRow:
     id: int
@@ -200,7 +209,8 @@ class SqlJobStore:
             row = self.db.execute_sql(
                 "UPDATE jobs SET stage = ?, video_path = ?, video_size_bytes = ?, "
                 "video_duration_seconds = ?, error_message = NULL, lease_owner = NULL, "
-                "lease_deadline = NULL, next_attempt_at = NULL, finished_at = ? "
+                "lease_deadline = NULL, next_attempt_at = NULL, finished_at = ?, "
+                "unreleased_since = NULL, failure_class = NULL "
                 f"WHERE id = ? AND attempt = ? AND stage IN ({marks}) RETURNING id",
                 [STAGE_DOWNLOADED, video_path, size, duration, now, job_id, attempt,
                  *stages]).fetchone()
@@ -209,14 +219,16 @@ class SqlJobStore:
     @weather
     def requeue(self, job_id: int, attempt: int, count_retry: bool, error: str | None,
                 backoff: Callable[[int], float | None], now: float | None = None,
-                not_before: float | None = None) -> str | None:
+                not_before: float | None = None, failure_class: str | None = None) -> str | None:
         """Hand a job back; returns its new stage (queued or failed), None if the row is
         not this attempt downloading any more (then nothing is written).
 
         ``backoff(retry_count)`` gives the time before which a counted retry is not
         handed out again, ``not_before`` the same for one not counted; ``now`` is
         recorded as ``finished_at`` when the job fails for good. The read and the
-        guarded update are one transaction: nobody writes in between.
+        guarded update are one transaction: nobody writes in between. ``failure_class``
+        (shared/failures.py) is recorded when given; a classified failure ends a wait for
+        the episode's release (``unreleased_since``): the site lists it now.
         """
         with self.db.atomic():
             row = self.db.execute_sql(
@@ -236,21 +248,52 @@ class SqlJobStore:
             self.db.execute_sql(
                 "UPDATE jobs SET stage = ?, retry_count = ?, "
                 "error_message = COALESCE(?, error_message), lease_owner = NULL, "
-                "lease_deadline = NULL, next_attempt_at = ?, finished_at = ? "
+                "lease_deadline = NULL, next_attempt_at = ?, finished_at = ?, "
+                "failure_class = COALESCE(?, failure_class), "
+                "unreleased_since = CASE WHEN ? IS NULL THEN unreleased_since END "
                 "WHERE id = ? AND attempt = ? AND stage = ?",
                 [stage, retry_count, error, next_attempt_at,
-                 now if stage == STAGE_FAILED else None, job_id, attempt, STAGE_DOWNLOADING])
+                 now if stage == STAGE_FAILED else None, failure_class, failure_class,
+                 job_id, attempt, STAGE_DOWNLOADING])
         return stage
 
     @weather
-    def mark_failed(self, job_id: int, attempt: int, error: str, now: float) -> bool:
+    def await_release(self, job_id: int, attempt: int,
+                      decide: Callable[[float | None], ReleaseWait], now: float,
+                      failure_class: str) -> str | None:
+        """Hand back a job whose episode the site does not list yet, counting no retry:
+        ``decide(unreleased_since)`` (retries.py) says until when it waits (stage queued)
+        or that it has waited long enough (stage failed). Returns the new stage, None if
+        the row is not this attempt downloading any more (nothing is written)."""
+        with self.db.atomic():
+            row = self.db.execute_sql(
+                "SELECT unreleased_since FROM jobs WHERE id = ? AND attempt = ? AND stage = ?",
+                [job_id, attempt, STAGE_DOWNLOADING]).fetchone()
+            if row is None:
+                return None
+            wait = decide(row[0])
+            self.db.execute_sql(
+                "UPDATE jobs SET stage = ?, error_message = ?, lease_owner = NULL, "
+                "lease_deadline = NULL, next_attempt_at = ?, finished_at = ?, "
+                "unreleased_since = ?, failure_class = ? "
+                "WHERE id = ? AND attempt = ? AND stage = ?",
+                [wait.stage, wait.error, wait.next_attempt_at,
+                 now if wait.stage == STAGE_FAILED else None, wait.since, failure_class,
+                 job_id, attempt, STAGE_DOWNLOADING])
+        return wait.stage
+
+    @weather
+    def mark_failed(self, job_id: int, attempt: int, error: str, now: float,
+                    failure_class: str | None = None) -> bool:
         """Fail ``attempt`` for good; False if the row is not that attempt downloading."""
         with self.db.atomic():
             row = self.db.execute_sql(
                 "UPDATE jobs SET stage = ?, error_message = ?, lease_owner = NULL, "
-                "lease_deadline = NULL, next_attempt_at = NULL, finished_at = ? "
+                "lease_deadline = NULL, next_attempt_at = NULL, finished_at = ?, "
+                "failure_class = COALESCE(?, failure_class) "
                 "WHERE id = ? AND attempt = ? AND stage = ? RETURNING id",
-                [STAGE_FAILED, error, now, job_id, attempt, STAGE_DOWNLOADING]).fetchone()
+                [STAGE_FAILED, error, now, failure_class, job_id, attempt,
+                 STAGE_DOWNLOADING]).fetchone()
         return row is not None
 
     # --- reading ------------------------------------------------------------
@@ -296,17 +339,26 @@ class SqlJobStore:
         """Counts that need the selection table or the clock; one indexed pass."""
         anime_filter = "AND j.anime_id = ?" if self.anime_id is not None else ""
         params: list = [now] + ([self.anime_id] if self.anime_id is not None else [])
+        # A job waiting for its episode's release (unreleased_since) is not backing off:
+        # it is counted apart, and is not runnable until its re-check is due.
         row = self.db.execute_sql(
             "SELECT SUM(s.mal_id IS NULL), "
-            "SUM(s.mal_id IS NOT NULL AND j.next_attempt_at > ?), "
-            "MIN(CASE WHEN s.mal_id IS NOT NULL THEN j.next_attempt_at END), "
-            "COUNT(*) "
+            "SUM(s.mal_id IS NOT NULL AND j.next_attempt_at > ? AND j.unreleased_since IS NULL), "
+            "MIN(CASE WHEN s.mal_id IS NOT NULL AND j.unreleased_since IS NULL "
+            "    THEN j.next_attempt_at END), "
+            "COUNT(*), "
+            "SUM(s.mal_id IS NOT NULL AND j.next_attempt_at > ? AND j.unreleased_since IS NOT NULL), "
+            "MIN(CASE WHEN s.mal_id IS NOT NULL AND j.unreleased_since IS NOT NULL "
+            "    THEN j.next_attempt_at END) "
             "FROM jobs j LEFT JOIN anime_selection_cache s ON s.mal_id = j.anime_id "
-            f"WHERE j.stage = 'queued' {anime_filter}", params).fetchone()
-        waiting, backing_off, soonest, queued = row
+            f"WHERE j.stage = 'queued' {anime_filter}", [now, *params]).fetchone()
+        waiting, backing_off, soonest, queued, unreleased, recheck = row
         soonest = soonest if (soonest or 0) > now else None
+        recheck = recheck if (recheck or 0) > now else None
         return {"waiting_for_selection": waiting or 0, "backing_off": backing_off or 0,
-                "next_retry_at": soonest, "runnable": (queued or 0) - (waiting or 0)}
+                "next_retry_at": soonest,
+                "runnable": (queued or 0) - (waiting or 0) - (unreleased or 0),
+                "waiting_for_release": unreleased or 0, "next_recheck_at": recheck}
 
     @weather
     def animes_without_selection(self) -> list[int]:
@@ -329,8 +381,22 @@ class SqlJobStore:
                  .where(Job.stage == STAGE_FAILED)
                  .order_by(Job.finished_at.desc(nulls="LAST"), Job.id.desc()).limit(limit))
         return [{"id": j.id, "anime_id": j.anime_id, "anime_title": j.anime_title,
-                 "episode": j.episode, "error": j.error_message, "at": j.finished_at}
+                 "episode": j.episode, "error": j.error_message, "at": j.finished_at,
+                 "failure_class": j.failure_class}
                 for j in query]
+
+    @weather
+    def selection_review(self, limit: int = 20) -> list[dict]:
+        """The anime whose jobs failed for good with a ``selection`` failure (the search
+        or the -S index found nothing), the last failure first: their selection wants a
+        look. Failed jobs are few; the stage index finds them."""
+        cursor = self.db.execute_sql(
+            "SELECT anime_id, MAX(anime_title), COUNT(*), MAX(finished_at), "
+            "MAX(error_message) FROM jobs WHERE stage = ? AND failure_class = 'selection' "
+            "GROUP BY anime_id ORDER BY MAX(finished_at) DESC, anime_id LIMIT ?",
+            [STAGE_FAILED, limit])
+        return [{"anime_id": a, "anime_title": t, "failed": n, "at": at, "error": e}
+                for a, t, n, at, e in cursor.fetchall()]
 
     @weather
     def downloaded_since(self, since: float) -> tuple[int, int]:
