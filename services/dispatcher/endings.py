@@ -157,8 +157,8 @@ class Endings:
         assert lease.ending is not None
         if stage == STAGE_FAILED:
             self.settlement.cleanup(lease.job.id)
-            log.error(kv("failed: the episode was never released", error=lease.ending.error,
-                         **ctx))
+            log.error(kv("failed: the episode was never released",
+                         error=f"{lease.ending.error}\n{self.retries.gave_up_note()}", **ctx))
         else:
             log.info(kv("not released yet: waiting for a re-check, no retry counted",
                         said=(lease.ending.error or "?").splitlines()[-1],

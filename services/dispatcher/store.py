@@ -377,7 +377,7 @@ class SqlJobStore:
     @weather
     def recent_failures(self, limit: int = 5) -> list[dict]:
         query = (Job.select(Job.id, Job.anime_id, Job.anime_title, Job.episode,
-                            Job.error_message, Job.finished_at)
+                            Job.error_message, Job.finished_at, Job.failure_class)
                  .where(Job.stage == STAGE_FAILED)
                  .order_by(Job.finished_at.desc(nulls="LAST"), Job.id.desc()).limit(limit))
         return [{"id": j.id, "anime_id": j.anime_id, "anime_title": j.anime_title,
