@@ -35,14 +35,18 @@ CLASSES = (NOT_RELEASED, SELECTION, TRANSIENT, CLOUDFLARE, OTHER)
 #: A sub-class and the class it belongs to.
 PARENT = {CLOUDFLARE: TRANSIENT}
 
-#: ani-cli's die() lines, as printed by v5 (82574d2), each a whole line of its output.
-#: ``prefix``: the line starts so (the real script appends advice to the Cloudflare one).
+#: ani-cli's die() lines, as printed by v5 (82574d2), each a whole line of its output, in
+#: order of precedence: the first one found decides. ``prefix``: the line starts so (the
+#: real script appends advice to the Cloudflare one). The Cloudflare line comes first:
+#: the script dies with it inside the ``$(anidb_search ...)`` subshell, so it goes on
+#: with an empty result and dies again, ``No results found!`` (checked with the real
+#: script: tests/integration/test_real_ani_cli.py).
 DIE_LINES: tuple[tuple[str, str, bool], ...] = (
+    ("Blocked by cloudflare.", CLOUDFLARE, True),
     ("Invalid episode!", NOT_RELEASED, False),
     ("Episode not released!", NOT_RELEASED, False),
     ("No results found!", SELECTION, False),
     ("Invalid anime selection", SELECTION, False),
-    ("Blocked by cloudflare.", CLOUDFLARE, True),
     ("Episode is released, but no valid sources!", TRANSIENT, False),
     ("No sources found for sub!", TRANSIENT, False),
     ("No sources found for dub!", TRANSIENT, False),
@@ -83,12 +87,14 @@ def _lines(error: str) -> list[str]:
 
 def classify(reason: str, error: object) -> Classified | None:
     """The class of a failed attempt's ``error`` (None: a reason that is not classified,
-    e.g. a stop). The last die line wins: it is the one the script died with."""
+    e.g. a stop): the first die line of the table found as a whole line of it, else a
+    network error or a time-out (transient), else other."""
     if reason not in CLASSIFIED_REASONS:
         return None
     text = error if isinstance(error, str) else ""
-    for line in reversed(_lines(text)):
-        for message, cls, prefix in DIE_LINES:
+    lines = _lines(text)
+    for message, cls, prefix in DIE_LINES:
+        for line in reversed(lines):
             if line == message or (prefix and line.startswith(message)):
                 return Classified(cls, line)
     if reason == TIMEOUT_REASON or NETWORK.search(text):

@@ -160,6 +160,9 @@ class Endings:
             log.error(kv("failed: the episode was never released",
                          error=f"{lease.ending.error}\n{self.retries.gave_up_note()}", **ctx))
         else:
+            # ani-cli died before any download: nothing in its private directory is worth
+            # keeping for hours (and the job cannot be handed out before its re-check).
+            self.settlement.cleanup(lease.job.id)
             log.info(kv("not released yet: waiting for a re-check, no retry counted",
                         said=(lease.ending.error or "?").splitlines()[-1],
                         recheck_hours=self.retries.recheck_seconds / 3600, **ctx))

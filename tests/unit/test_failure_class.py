@@ -68,6 +68,16 @@ def test_each_known_message_has_its_class(message: str, expected: str) -> None:
     assert found.line == (message if expected != OTHER else None)
 
 
+def test_a_cloudflare_block_wins_over_the_no_results_that_follows_it() -> None:
+    """The real script dies with the Cloudflare line in a subshell, then again with
+    ``No results found!`` (what tests/integration/test_real_ani_cli.py reads from it)."""
+    said = "Blocked by cloudflare. Try installing curl-impersonate"
+    error = error_of(die(said) + die("No results found!"))
+    found = classify("error", error)
+    assert found == failures.Classified(CLOUDFLARE, said)
+    assert failures.stable_error(error, found) == f"ani-cli returned non-zero exit code: 1\n{said}"
+
+
 def test_the_die_line_wins_over_what_came_before_it() -> None:
     """Lines before the die line (a downloader's complaint, a tput warning) do not decide;
     the stable form keeps only what failed and why."""
