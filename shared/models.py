@@ -55,6 +55,12 @@ INDEXES = {
     "idx_jobs_stage_id": "CREATE INDEX IF NOT EXISTS idx_jobs_stage_id ON jobs(stage, id)",
     "idx_jobs_anime_episode":
         "CREATE INDEX IF NOT EXISTS idx_jobs_anime_episode ON jobs(anime_id, episode)",
+    # Failures that know what they are: partial, so they hold only the few rows concerned
+    # and the counts pass reads those without another walk over the queue.
+    "idx_jobs_unreleased": "CREATE INDEX IF NOT EXISTS idx_jobs_unreleased "
+                           "ON jobs(stage, next_attempt_at) WHERE unreleased_since IS NOT NULL",
+    "idx_jobs_selection": "CREATE INDEX IF NOT EXISTS idx_jobs_selection "
+                          "ON jobs(stage, anime_id) WHERE failure_class = 'selection'",
 }
 
 

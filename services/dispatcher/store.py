@@ -339,26 +339,38 @@ class SqlJobStore:
         """Counts that need the selection table or the clock; one indexed pass."""
         anime_filter = "AND j.anime_id = ?" if self.anime_id is not None else ""
         params: list = [now] + ([self.anime_id] if self.anime_id is not None else [])
-        # A job waiting for its episode's release (unreleased_since) is not backing off:
-        # it is counted apart, and is not runnable until its re-check is due.
         row = self.db.execute_sql(
             "SELECT SUM(s.mal_id IS NULL), "
-            "SUM(s.mal_id IS NOT NULL AND j.next_attempt_at > ? AND j.unreleased_since IS NULL), "
-            "MIN(CASE WHEN s.mal_id IS NOT NULL AND j.unreleased_since IS NULL "
-            "    THEN j.next_attempt_at END), "
-            "COUNT(*), "
-            "SUM(s.mal_id IS NOT NULL AND j.next_attempt_at > ? AND j.unreleased_since IS NOT NULL), "
-            "MIN(CASE WHEN s.mal_id IS NOT NULL AND j.unreleased_since IS NOT NULL "
-            "    THEN j.next_attempt_at END) "
+            "SUM(s.mal_id IS NOT NULL AND j.next_attempt_at > ?), "
+            "MIN(CASE WHEN s.mal_id IS NOT NULL THEN j.next_attempt_at END), "
+            "COUNT(*) "
             "FROM jobs j LEFT JOIN anime_selection_cache s ON s.mal_id = j.anime_id "
-            f"WHERE j.stage = 'queued' {anime_filter}", [now, *params]).fetchone()
-        waiting, backing_off, soonest, queued, unreleased, recheck = row
+            f"WHERE j.stage = 'queued' {anime_filter}", params).fetchone()
+        waiting, backing_off, soonest, queued = row
+        # Jobs waiting for their episode's release (unreleased_since: few, in a partial
+        # index) are counted apart: not backing off, not runnable before their re-check.
+        unreleased, recheck = self.db.execute_sql(
+            "SELECT SUM(s.mal_id IS NOT NULL AND j.next_attempt_at > ?), "
+            "MIN(CASE WHEN s.mal_id IS NOT NULL THEN j.next_attempt_at END) "
+            "FROM jobs j "
+            "LEFT JOIN anime_selection_cache s ON s.mal_id = j.anime_id "
+            f"WHERE j.stage = 'queued' AND j.unreleased_since IS NOT NULL {anime_filter}",
+            params).fetchone()
+        unreleased = unreleased or 0
+        backing_off = (backing_off or 0) - unreleased
+        if not backing_off:
+            soonest = None
+        elif unreleased and soonest == recheck:  # a re-check comes first: the next retry?
+            (soonest,) = self.db.execute_sql(
+                "SELECT MIN(j.next_attempt_at) FROM jobs j JOIN anime_selection_cache s "
+                "ON s.mal_id = j.anime_id WHERE j.stage = 'queued' AND j.unreleased_since "
+                f"IS NULL {anime_filter}", params[1:]).fetchone()
         soonest = soonest if (soonest or 0) > now else None
         recheck = recheck if (recheck or 0) > now else None
-        return {"waiting_for_selection": waiting or 0, "backing_off": backing_off or 0,
+        return {"waiting_for_selection": waiting or 0, "backing_off": backing_off,
                 "next_retry_at": soonest,
-                "runnable": (queued or 0) - (waiting or 0) - (unreleased or 0),
-                "waiting_for_release": unreleased or 0, "next_recheck_at": recheck}
+                "runnable": (queued or 0) - (waiting or 0) - unreleased,
+                "waiting_for_release": unreleased, "next_recheck_at": recheck}
 
     @weather
     def animes_without_selection(self) -> list[int]:
@@ -389,12 +401,11 @@ class SqlJobStore:
     def selection_review(self, limit: int = 20) -> list[dict]:
         """The anime whose jobs failed for good with a ``selection`` failure (the search
         or the -S index found nothing), the last failure first: their selection wants a
-        look. Failed jobs are few; the stage index finds them."""
+        look. A partial index (models.py) holds just the rows of that class."""
         cursor = self.db.execute_sql(
             "SELECT anime_id, MAX(anime_title), COUNT(*), MAX(finished_at), "
-            "MAX(error_message) FROM jobs WHERE stage = ? AND failure_class = 'selection' "
-            "GROUP BY anime_id ORDER BY MAX(finished_at) DESC, anime_id LIMIT ?",
-            [STAGE_FAILED, limit])
+            "MAX(error_message) FROM jobs WHERE stage = 'failed' AND failure_class = 'selection' "
+            "GROUP BY anime_id ORDER BY MAX(finished_at) DESC, anime_id LIMIT ?", [limit])
         return [{"anime_id": a, "anime_title": t, "failed": n, "at": at, "error": e}
                 for a, t, n, at, e in cursor.fetchall()]
 

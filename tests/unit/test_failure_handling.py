@@ -268,3 +268,21 @@ def test_the_columns_are_added_to_an_existing_database(tmp_path: Path) -> None:
     conn.close()
     assert {"unreleased_since", "failure_class"} <= columns
     r.d.store.close()
+
+
+def test_release_waits_and_backoffs_are_counted_apart_whichever_comes_first(
+        tmp_path: Path) -> None:
+    r = Rig(tmp_path, recheck_unreleased_hours=0.01, retry_backoff_seconds=1000,
+            retry_backoff_max_seconds=1000)
+    r.enqueue(1, [5, 6], max_retries=3)
+    one, two = assigns(r.ready(A, 0.0) + r.ready(B, 0.0))
+    fail(r, A, one, NOT_LISTED, 1.0, NOT_RELEASED)  # re-check at 37 s
+    fail(r, B, two, "ani-cli returned non-zero exit code: 1\nNo sources found for sub!", 1.0,
+         TRANSIENT)  # retry in 750..1250 s
+    queue = counted(r, 2.0)["queue"]
+    backoff = r.row(2)["next_attempt_at"]
+    assert 751.0 <= backoff <= 1251.0
+    assert (queue["backing_off"], queue["waiting_for_release"]) == (1, 1)
+    assert queue["next_recheck_at"] == pytest.approx(37.0)
+    assert queue["next_retry_at"] == pytest.approx(backoff)  # not the sooner re-check
+    r.d.store.close()
