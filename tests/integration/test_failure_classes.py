@@ -94,7 +94,7 @@ def test_an_unreleased_episode_waits_without_using_up_retries_then_lands(make_sy
         (0, None, None)
     assert (system.storage / "videos" / "500" / "episodes" / "ep003.mp4").is_file()
     assert system.stages() == {"downloaded": 3}
-    assert system.private_dirs() == []
+    wait_for(lambda: system.private_dirs() == [], 10, "the worker to remove its private dir")
 
 
 def test_selection_failures_fail_with_a_stable_message_and_are_listed_for_a_review(
