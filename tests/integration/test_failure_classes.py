@@ -144,23 +144,29 @@ def test_a_cloudflare_block_holds_back_the_next_starts_on_that_host(make_system)
             # as the real script prints it: the block in the search's subshell, then the
             # empty result (tests/integration/test_real_ani_cli.py)
             "1": {"fail_times": 1, "fail_message": "No results found!",
-                  "stderr_lines": [RED.format(said)]},
-            "2": {"duration": 2.0}}}]}]})
-    system.enqueue(600, "Blocked Show", [1, 2, 3], selected_index=1, max_retries=1)
+                  "stderr_lines": [RED.format(said)]}}}]}]})
+    system.enqueue(600, "Blocked Show", [1], selected_index=1, max_retries=1)
     system.start_supervisord(2)
 
     status = wait_for(lambda: (lambda s: s if s and s["failure_classes"]["cloudflare_holds"]
                                else None)(status_json(system)), 20, "the host to be held")
     hold = status["failure_classes"]["cloudflare_holds"][0]
     assert hold["host"] == socket.gethostname() and hold["blocks"] == 1
-    assert any(w["state"] == "paused" and w["job"] is None for w in status["workers"]), status
+    # More work comes while the host is held: both workers are idle, neither gets it.
+    system.enqueue(600, "Blocked Show", [2, 3], selected_index=1, max_retries=1)
+    status = wait_for(lambda: (lambda s: s if s and sum(
+        s["queue"][k] for k in ("queued", "downloading", "downloaded")) == 3 else None)(
+        status_json(system)), 10, "the new jobs to be counted")
+    if status["generated_at"] < hold["until"] and status["queue"]["queued"] == 3:
+        assert [w["state"] for w in status["workers"]] == ["paused", "paused"], status["workers"]
     wait_for(lambda: system.stages() == {"downloaded": 3}, 40, "every episode to land")
 
-    blocked = next(r for r in system.sim_runs("end") if r["episode"] == 1)
+    [blocked] = runs_of(system, 1, "end")[:1]
     assert blocked["outcome"] == "failed"
     later = [r for r in system.sim_runs("start") if r["time"] > blocked["time"]]
-    assert {r["episode"] for r in later} >= {1, 3}, later  # episode 3 and the retry waited
-    assert min(r["time"] for r in later) >= blocked["time"] + pause, (blocked, later)
+    assert sorted(r["episode"] for r in later) == [1, 2, 3], later  # the retry, 2 and 3
+    assert min(r["time"] for r in later) >= hold["until"], (hold, later)
+    assert hold["until"] - blocked["time"] >= pause
     assert row(system, 1)["retry_count"] == 1
     system.wait_logged("dispatcher", "blocked by Cloudflare")
     assert "failure_class=cloudflare" in system.log("dispatcher")
