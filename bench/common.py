@@ -185,16 +185,18 @@ def role(cmdline: list[str]) -> str | None:
     text = " ".join(cmdline)
     if "supervisor.supervisord" in text or text.endswith("supervisord") or "bin/supervisord" in text:
         return "supervisord"
-    for name in ("anime-dispatcher", "anime-disk-watcher", "anime-worker", "anime-downloader"):
+    for name in ("anime-dispatcher", "anime-disk-watcher", "anime-worker", "anime-web",
+                 "anime-downloader"):
         if name in text:
             return {"anime-dispatcher": "dispatcher", "anime-disk-watcher": "disk-watcher",
-                    "anime-worker": "worker", "anime-downloader": "launcher"}[name]
+                    "anime-worker": "worker", "anime-web": "web",
+                    "anime-downloader": "launcher"}[name]
     if "ani-cli" in text:
         return "ani-cli"
     return None
 
 
-SERVICE_ROLES = ("supervisord", "dispatcher", "disk-watcher", "worker", "launcher")
+SERVICE_ROLES = ("supervisord", "dispatcher", "disk-watcher", "worker", "web", "launcher")
 
 
 class TreeSampler:

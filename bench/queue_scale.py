@@ -1,6 +1,7 @@
 """Scale of the queue: the dispatcher with 100,000 jobs in the database (run by hand).
 
     python bench/queue_scale.py [--jobs 100000] [--handout 3000] [--fake-workers 5]
+                                [--priorities] [--claims 2000]
 
 Inserts the jobs directly with sqlite3 in the contract schema (series of 20
 episodes; 70 % queued, 25 % downloaded, 5 % failed; 1 % of the series without a
@@ -15,13 +16,23 @@ cached selection) and runs the real disk-watcher and dispatcher processes:
   the whole exchange (ready -> assign, finished -> commit, landed -> ack), so
   every job costs the dispatcher a claim and a landing in the database.
 
+* claim: ``SqlJobStore.claim_next`` alone, in this process, ``--claims`` times on a
+  copy of the filled database (each claimed job then landed, timed apart: the cost of
+  the claim's two indexes on every write), against the claim of before priorities
+  (``ORDER BY id``, without those indexes: the baseline) on another copy in the same run. ``--priorities`` mixes priorities in
+  first (10 % of the series high, 10 % low, 1 % of the jobs at a number of their own).
+
 Goals: status under 100 ms, start under 2 s; hand-out compared with the spawn
-limit of these machines (about 600 short commands/s with 5 in parallel).
+limit of these machines (about 600 short commands/s with 5 in parallel); a claim
+with priorities no dearer than about twice the old one, and well under a millisecond.
 """
 
 from __future__ import annotations
 
 import argparse
+import random
+import shutil
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -34,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (compile_project, stop, BIN, Install, insert_jobs, machine, median, percentile, table,  # noqa: E402
                     title_of, verdict)
+from services.dispatcher import store as job_store  # noqa: E402
 from shared.config import load_config  # noqa: E402
 from shared.protocol import (JobAck, JobAssign, JobCommit, JobFinished, JobLanded,  # noqa: E402
                              StatusReply, StatusRequest, WorkerReady, decode, encode)
@@ -58,6 +70,130 @@ def fill(db_path: Path, jobs: int) -> dict[str, int]:
     selections = [(a, 1, title_of(a), "high") for a in range(1, animes + 1) if a % 100 != 7]
     insert_jobs(db_path, rows, selections)
     return stages
+
+
+# The claim before priorities (main before issue 18): the baseline of the claim figures.
+OLD_CLAIM_SQL = """
+UPDATE jobs SET stage = 'downloading', attempt = attempt + 1, lease_owner = ?,
+       lease_deadline = ?, started_at = ?
+WHERE id = (
+    SELECT j.id FROM jobs j JOIN anime_selection_cache s ON s.mal_id = j.anime_id
+    WHERE j.stage = 'queued' AND (j.next_attempt_at IS NULL OR j.next_attempt_at <= ?)
+    ORDER BY j.id LIMIT 1)
+RETURNING id, anime_id, anime_title, episode, attempt, retry_count, max_retries
+"""
+CLAIM_GOAL_MS = 1.0
+
+
+def upgrade(db_path: Path) -> None:
+    """Add the dispatcher's columns and indexes (as its first start does), then fold the WAL
+    into the file so that a copy of the file is the whole database."""
+    store = job_store.SqlJobStore(db_path)
+    store.open()
+    store.close()
+    conn = sqlite3.connect(db_path)
+    try:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        conn.close()
+
+
+def mix_priorities(db_path: Path, seed: int) -> dict[int, int]:
+    """10 % of the series high, 10 % low, 1 % of the jobs at a priority of their own."""
+    rng = random.Random(seed)
+    conn = sqlite3.connect(db_path)
+    try:
+        animes = [a for (a,) in conn.execute("SELECT DISTINCT anime_id FROM jobs")]
+        with conn:
+            for a in animes:
+                r = rng.random()
+                if r < 0.2:
+                    conn.execute("UPDATE jobs SET priority = ? WHERE anime_id = ?",
+                                 (10 if r < 0.1 else -10, a))
+            ids = [i for (i,) in conn.execute("SELECT id FROM jobs")]
+            for i in rng.sample(ids, max(1, len(ids) // 100)):
+                conn.execute("UPDATE jobs SET priority = ? WHERE id = ?", (rng.randint(-50, 50), i))
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return dict(conn.execute("SELECT priority, COUNT(*) FROM jobs WHERE stage = 'queued' "
+                                 "GROUP BY priority"))
+    finally:
+        conn.close()
+
+
+class OldClaimStore(job_store.SqlJobStore):
+    """The store with the claim of before priorities (same transaction, same selection read)."""
+
+    def claim_next(self, owner: str, deadline: float, now: float):
+        with self.db.atomic():
+            row = self.db.execute_sql(OLD_CLAIM_SQL, [owner, deadline, now, now]).fetchone()
+            return self._with_selection(row) if row is not None else None
+
+
+def claim_times(db_path: Path, claims: int, old: bool) -> tuple[list[float], list[float], list[tuple]]:
+    """Seconds per claim_next and per landing (mark_downloaded) of what it claimed; ``old``:
+    the claim of before priorities, on a database without the two indexes it added (what
+    main was). And the (job, anime, episode) handed out, in order."""
+    store = (OldClaimStore if old else job_store.SqlJobStore)(db_path)
+    store.open()
+    if old:
+        for index in ("idx_jobs_claim", "idx_jobs_anime_claim"):
+            store.db.execute_sql(f"DROP INDEX {index}")
+    claimed, landed, order = [], [], []
+    try:
+        for n in range(claims):
+            now = 1000.0 + n
+            t0 = time.perf_counter()
+            job = store.claim_next("bench/claim", 1e12, now)
+            claimed.append(time.perf_counter() - t0)
+            if job is None:
+                break
+            order.append((job.id, job.anime_id, job.episode))
+            t0 = time.perf_counter()
+            store.mark_downloaded(job.id, job.attempt, f"/v/{job.id}.mkv", 1, None, now)
+            landed.append(time.perf_counter() - t0)
+        sql, params = (OLD_CLAIM_SQL, ["o", 0, 0, 0]) if old else (store._claim_sql, ["o", 0, 0, 0, 0])
+        plan = store.db.execute_sql("EXPLAIN QUERY PLAN " + sql, params).fetchall()
+    finally:
+        store.close()
+    if not old:
+        print("claim plan: " + "; ".join(str(row[-1]) for row in plan))
+    return claimed, landed, order
+
+
+def claim_bench(db_path: Path, claims: int) -> list[list[str]]:
+    """The claim with priorities against the old one, each on its own copy of the database."""
+    results = {}
+    for old in (True, False):
+        copy = db_path.with_name(f"claim-{len(results)}.db")
+        shutil.copy(db_path, copy)
+        results[old] = claim_times(copy, claims, old)
+        copy.unlink()
+    (old_claim, old_land, _), (new_claim, new_land, order) = results[True], results[False]
+    check_order(db_path, order)
+    ratio = median(new_claim) / median(old_claim)
+
+    def ms(values: list[float]) -> str:
+        return f"{median(values) * 1000:.3f} / {percentile(values, 99) * 1000:.3f} ms"
+    return [
+        [f"claim, before priorities (p50 / p99 of {len(old_claim)})", ms(old_claim), "baseline", "1.00"],
+        [f"claim, with priorities (p50 / p99 of {len(new_claim)})", ms(new_claim),
+         f"p50 < {CLAIM_GOAL_MS:g} ms", f"{ratio:.2f} x old {verdict(median(new_claim) * 1000 < CLAIM_GOAL_MS)}"],
+        [f"landing write, before the claim indexes (p50 / p99)", ms(old_land), "baseline", "1.00"],
+        [f"landing write, with them (p50 / p99)", ms(new_land), "",
+         f"{median(new_land) / median(old_land):.2f} x old"],
+    ]
+
+
+def check_order(db_path: Path, order: list[tuple]) -> None:
+    """What was handed out went by priority, never up again (the queue only shrinks)."""
+    conn = sqlite3.connect(db_path)
+    try:
+        priority = dict(conn.execute("SELECT id, priority FROM jobs"))
+    finally:
+        conn.close()
+    seen = [priority[job_id] for job_id, _, _ in order]
+    if any(b > a for a, b in zip(seen, seen[1:])):
+        raise RuntimeError("the claims did not go by priority")
 
 
 class StatusClient:
@@ -186,6 +322,10 @@ def main() -> int:
     ap.add_argument("--handout", type=int, default=3000, help="jobs the fake workers run")
     ap.add_argument("--fake-workers", type=int, default=5)
     ap.add_argument("--restarts", type=int, default=3)
+    ap.add_argument("--priorities", action="store_true",
+                    help="mix priorities into the queue (10%% of series high, 10%% low, 1%% of jobs own)")
+    ap.add_argument("--claims", type=int, default=2000, help="claims timed in-process (0: none)")
+    ap.add_argument("--seed", type=int, default=None, help="seed of the priority mix")
     args = ap.parse_args()
     compile_project()
     print(f"machine: {machine()}")
@@ -198,6 +338,16 @@ def main() -> int:
         stages = fill(inst.db_path, args.jobs)
         print(f"{args.jobs} jobs inserted in {time.perf_counter() - t0:.1f} s: "
               + ", ".join(f"{k} {v}" for k, v in stages.items()))
+        t0 = time.perf_counter()
+        upgrade(inst.db_path)
+        upgraded = time.perf_counter() - t0
+        if args.priorities:
+            seed = args.seed if args.seed is not None else random.randrange(2**32)
+            mix = mix_priorities(inst.db_path, seed)
+            print(f"priorities mixed in (seed {seed}): queued by priority "
+                  + ", ".join(f"{p}: {n}" for p, n in sorted(mix.items(), reverse=True)
+                              if n > 100 or p in (10, 0, -10)))
+        claim_rows = claim_bench(inst.db_path, args.claims) if args.claims > 0 else []
         config = load_config(inst.config_path)
         endpoint = config.zmq.status
         procs.append(subprocess.Popen([str(BIN / "anime-disk-watcher"), "-c", str(inst.config_path)],
@@ -236,7 +386,8 @@ def main() -> int:
         q = status["queue"]
 
         rows = [
-            ["dispatcher start, first (adds columns + indexes)", f"{first_start:.3f} s", "", ""],
+            ["schema upgrade (the dispatcher's columns + indexes)", f"{upgraded:.3f} s", "", ""],
+            ["dispatcher start, first", f"{first_start:.3f} s", "", ""],
             [f"dispatcher start (median of {len(starts)} restarts)", f"{start:.3f} s",
              f"< {START_GOAL_S:g} s", f"{start / START_GOAL_S:.2f} {verdict(start < START_GOAL_S)}"],
             ["anime-status --json, whole process (median of 10)", f"{median(cli) * 1000:.1f} ms",
@@ -254,7 +405,7 @@ def main() -> int:
             [f"jobs handed out and landed ({args.fake_workers} fake workers, {done} jobs)",
              f"{rate:.0f} jobs/s", f"spawn limit ~{SPAWN_LIMIT_PER_S:g}/s",
              f"{rate / SPAWN_LIMIT_PER_S:.2f}"],
-        ]
+        ] + claim_rows
         print(table(["figure", "value", "goal / baseline", "ratio"], rows))
         print(f"\nafter the run the status reports: queued {q['queued']}, downloaded {q['downloaded']}, "
               f"failed {q['failed']}, waiting for a selection {q['waiting_for_selection']}")

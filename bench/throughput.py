@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (compile_project, BIN, EPISODES_PER_ANIME, SIM_ANI_CLI, Install, insert_simple_queue, machine,  # noqa: E402
                     TreeSampler, median, spread, table, title_of, verdict)
-from services.worker import download  # noqa: E402
+from services.worker import download, shims  # noqa: E402
 
 GOAL = 0.9
 # "ani-cli started" (a worker's log) and "downloaded" (the dispatcher's)
@@ -46,16 +46,25 @@ def children_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def job_env(base: dict[str, str], private: Path, tools: shims.Shims) -> list[str]:
+    """``NAME=value`` words for ``env``: exactly what a worker sets for one ani-cli run
+    (download.build_env: TERM, ANI_CLI_MENU, the wrappers on PATH), minus what is
+    already in the environment that xargs passes on."""
+    env = download.build_env(base, private / "dl", private, 0, tools)
+    return [f"{k}={v}" for k, v in env.items() if base.get(k) != v]
+
+
 def run_xargs(jobs: int, workers: int) -> dict:
     pairs = spread(jobs)
     inst = Install(animes=pairs[-1][0])
     try:
         args: list[str] = []
+        tools = shims.install(inst.root / "run")
+        base = inst.env()
         for job_id, (anime, ep) in enumerate(pairs, 1):
             private = inst.storage / ".in_progress" / f"job-{job_id}"
             argv = download.build_argv(str(SIM_ANI_CLI), 1, ep, (), title_of(anime))
-            args += ["ANI_CLI_PLAYER=download", f"ANI_CLI_DOWNLOAD_DIR={private / 'dl'}",
-                     f"ANI_CLI_HIST_DIR={private}", *argv]
+            args += [*job_env(base, private, tools), *argv]
         per_job = len(args) // jobs
         data = b"\0".join(a.encode() for a in args) + b"\0"
         cpu0, t0 = children_cpu(), time.perf_counter()

@@ -11,6 +11,7 @@ another program holds the database locked it waits, saying so once on stderr.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sqlite3
 import sys
 import time
@@ -57,7 +58,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--episodes", required=True, help="e.g. 1-64, 5, or 1,3,5-7")
     parser.add_argument("--max-retries", type=int, default=3, help="retries per episode (default: 3)")
     parser.add_argument("--selected-index", type=int,
-                        help="1-based index of the right search result (stores the selection)")
+                        help="which of ani-cli's search results for --title is the right show, "
+                             "1 for the first (stores the selection; without one the episodes "
+                             "wait until anime-selector or this option adds it)")
     parser.add_argument("--selected-title", help="title of that search result (default: --title)")
     parser.add_argument("--confidence", choices=CONFIDENCES, help="default: high")
     args = parser.parse_args(argv)
@@ -142,6 +145,31 @@ def enqueue(db_path: Path, mal_id: int, title: str, episodes: list[int], max_ret
         conn.close()
 
 
+def has_selection(db_path: Path, mal_id: int) -> bool:
+    """Whether ``anime_selection_cache`` has a row for ``mal_id`` (read-only; a database
+    that cannot be read counts as having one: no warning on a guess)."""
+    try:
+        conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=BUSY_SLICE_SECONDS)
+        try:
+            return conn.execute("SELECT 1 FROM anime_selection_cache WHERE mal_id = ?",
+                                (mal_id,)).fetchone() is not None
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return True
+
+
+def no_selection_warning(args: argparse.Namespace) -> str:
+    """What a user reads when the episodes just queued will wait for a selection."""
+    again = shlex.join(["anime-enqueue", "-c", args.config, "--mal-id", str(args.mal_id),
+                        "--title", args.title, "--episodes", args.episodes])
+    return (f"anime-enqueue: warning: MAL ID {args.mal_id} has no cached selection, so its "
+            "episodes wait in the queue and are not downloaded until one is added. Add it "
+            "(anime-selector does, or this command) with --selected-index N, N being the "
+            f"position of the right show among ani-cli's search results for {args.title!r} "
+            f"(1 = the first):\n  {again} --selected-index N")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     config = config_or_exit("anime-enqueue", args.config)
@@ -162,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     skipped = len(args.episode_list) - added
     print(f"queued {added} episode(s) of MAL ID {args.mal_id} ({skipped} already present)"
           + (f"; selection: index {selection[0]}" if selection else ""))
+    if selection is None and not has_selection(config.db_path, args.mal_id):
+        print(no_selection_warning(args), file=sys.stderr)
     return 0
 
 

@@ -7,7 +7,8 @@ config (paths under its root_dir, ``-w`` workers, the options passed to the
 services) into ``<root_dir>/run/supervisord.conf``, starts ``supervisord -n`` and
 follows the services' log files to the terminal, in time order. With
 ``--exit-when-done`` it stops everything once the dispatcher reports that no
-runnable job is left.
+runnable job is left. ``--supervisorctl ARGS`` starts nothing: it runs supervisorctl
+against the supervisord already running for the config (its socket in ``run/``).
 
 Nothing it starts outlives it. supervisord runs in its own session, so the
 terminal's Ctrl-C and hang-up reach only the launcher (supervisord takes SIGHUP
@@ -169,6 +170,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("-v", "--verbose", action="store_true", help="DEBUG logging in every service")
     parser.add_argument("--exit-when-done", action="store_true",
                         help="when no runnable job is queued or running, print a summary and exit 0")
+    parser.add_argument("--supervisorctl", nargs=argparse.REMAINDER, metavar="ARGS",
+                        help="run supervisorctl ARGS... against the supervisord of the instance "
+                             "running for this config (e.g. --supervisorctl status); starts nothing. "
+                             "Must come last: every word after it goes to supervisorctl")
     args = parser.parse_args(argv)
     if args.workers is not None and args.workers < 1:
         parser.error(f"-w/--workers: must be at least 1, got {args.workers}")
@@ -480,9 +485,25 @@ class Launcher:
         return proc.wait()
 
 
+def supervisorctl(config: Config, words: list[str]) -> int:
+    """``--supervisorctl ARGS``: supervisorctl on this installation's supervisord socket,
+    ``<root_dir>/run/supervisor.sock``, which both ways of running it use: the launcher's
+    rendered ``<root_dir>/run/supervisord.conf`` and the repo's ``supervisord.conf`` run
+    directly (its ``data/`` is the repo config's root_dir). supervisorctl's exit code."""
+    sock = config.run_dir / "supervisor.sock"
+    if _supervisord_pid(config.run_dir) is None:
+        say(sys.stderr, f"anime-downloader: no supervisord is running for {config.path} "
+                        f"(nothing listens on {sock}); start it with: anime-downloader -c {config.path}\n")
+        return 1
+    argv = [sys.executable, "-m", "supervisor.supervisorctl", "-s", f"unix://{sock}", *words]
+    return subprocess.call(argv, stdin=None if words else subprocess.DEVNULL)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     config = config_or_exit("anime-downloader", args.config)
+    if args.supervisorctl is not None:
+        return supervisorctl(config, args.supervisorctl)
     if not args.dry_run:  # a dry run writes nothing, not even the storage's marker
         identify_or_exit("anime-downloader", config.root_dir, config.storage_dir,
                          config.create_storage_dir)

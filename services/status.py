@@ -1,8 +1,10 @@
 """``anime-status``: ask the running dispatcher how things stand (ZeroMQ, never the DB).
 
 Exit 0 with the status, or 1 with one line when nothing answers within
-``--timeout`` seconds, so it doubles as a health check. ``--watch`` redraws
-until Ctrl-C (exit 0) and keeps asking while the dispatcher is silent.
+``--timeout`` seconds, so it doubles as a health check; then it also prints the
+queue as jobs.db has it, read-only (services/status_offline.py), marked as such.
+``--watch`` redraws until Ctrl-C (exit 0) and keeps asking while the dispatcher
+is silent.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ import time
 
 import zmq
 
-from shared.config import ConfigError
+from shared.config import Config, ConfigError
 from shared.lifecycle import config_or_exit
-from shared.protocol import ProtocolError, StatusReply, StatusRequest, decode, encode
+from shared.protocol import Message, ProtocolError, StatusReply, StatusRequest, decode, encode
 from shared.sockets import Sockets
 from services.status_text import render_text
 
@@ -27,9 +29,16 @@ class NoAnswer(Exception):
 
 
 def fetch_status(sockets: Sockets, endpoint: str, timeout: float) -> dict:
+    return ask(sockets, endpoint, StatusRequest(), StatusReply, timeout).status
+
+
+def ask(sockets: Sockets, endpoint: str, request: Message, reply_type: type[Message],
+        timeout: float) -> Message:
+    """Send ``request`` from a fresh DEALER and wait up to ``timeout`` for a ``reply_type``
+    (anime-status, anime-ctl); NoAnswer, in the words a user reads, when none comes."""
     sock = sockets.connect(zmq.DEALER, endpoint)
     try:
-        sock.send_multipart(encode(StatusRequest()))
+        sock.send_multipart(encode(request))
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
             if not sock.poll(left * 1000):
@@ -38,8 +47,8 @@ def fetch_status(sockets: Sockets, endpoint: str, timeout: float) -> dict:
                 reply = decode(sock.recv_multipart())
             except ProtocolError:
                 continue
-            if isinstance(reply, StatusReply):
-                return reply.status
+            if isinstance(reply, reply_type):
+                return reply
         raise NoAnswer(f"no answer from the dispatcher at {endpoint} within {timeout:g}s "
                        "(is anime-downloader running?)")
     finally:
@@ -63,7 +72,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "anime-downloader. Exits 1 if nothing answers (usable as a health check).")
     parser.add_argument("-c", "--config", default="config.toml", help="config file (default: %(default)s)")
     parser.add_argument("--json", action="store_true",
-                        help="print one JSON object (shape: README); with --watch, one per line")
+                        help="print one JSON object (keys: docs/status-json.md); with --watch, one per line")
     parser.add_argument("--watch", nargs="?", const=2.0, type=float, metavar="SECONDS",
                         help="refresh every SECONDS (default 2) until Ctrl-C")
     parser.add_argument("--timeout", type=float, default=2.0, metavar="SECONDS",
@@ -88,9 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.watch is None:
             print(show(fetch_status(sockets, config.zmq.status, args.timeout), args.json), flush=True)
             return 0
-        return watch(sockets, config.zmq.status, args)
+        return watch(sockets, config, args)
     except NoAnswer as exc:
-        print(f"anime-status: {exc}", file=sys.stderr)
+        print(f"anime-status: {exc}", file=sys.stderr, flush=True)
+        print(from_database(config, args.json), flush=True)
         return 1
     except ConfigError as exc:  # e.g. a remote endpoint without CURVE keys
         print(f"anime-status: {exc}", file=sys.stderr)
@@ -101,15 +111,22 @@ def main(argv: list[str] | None = None) -> int:
         sockets.close()
 
 
-def watch(sockets: Sockets, endpoint: str, args: argparse.Namespace) -> int:
+def from_database(config: Config, as_json: bool) -> str:
+    """The queue read from jobs.db (read-only) when the dispatcher does not answer."""
+    from services.status_offline import report  # only on this path: the probe stays cheap
+
+    return report(config.db_path, as_json)
+
+
+def watch(sockets: Sockets, config: Config, args: argparse.Namespace) -> int:
     """Redraw every ``args.watch`` seconds until Ctrl-C; a silent dispatcher (restarting
     under supervisord) shows as one line and the next round asks again."""
     while True:
         started = time.monotonic()
         try:
-            text = show(fetch_status(sockets, endpoint, args.timeout), args.json)
+            text = show(fetch_status(sockets, config.zmq.status, args.timeout), args.json)
         except NoAnswer as exc:
-            text = f"anime-status: {exc}"
+            text = f"anime-status: {exc}\n{from_database(config, args.json)}"
         if not args.json and sys.stdout.isatty():
             sys.stdout.write("\x1b[H\x1b[2J")  # clear the screen, then redraw
         print(text, flush=True)

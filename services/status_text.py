@@ -82,16 +82,56 @@ def _packed(parts: list[str], prefix: str = "") -> list[str]:
 
 
 def _queue(q: dict, now: float | None) -> list[str]:
+    cancelled = f", {q['cancelled']} cancelled" if q.get("cancelled") else ""
     lines = [_label("queue", f"{q.get('queued', 0)} queued, {q.get('downloading', 0)} downloading, "
-                             f"{q.get('downloaded', 0)} downloaded, {q.get('failed', 0)} failed")]
+                             f"{q.get('downloaded', 0)} downloaded, {q.get('failed', 0)} failed"
+                             f"{cancelled}")]
     waiting, backing = q.get("waiting_for_selection", 0), q.get("backing_off", 0)
     unreleased = q.get("waiting_for_release") or 0
     if waiting or backing or unreleased:
         retry = f" (next retry {clock(q['next_retry_at'], now)})" if q.get("next_retry_at") else ""
         lines += _packed([f"{waiting} wait for a selection", f"{backing} back off{retry}"]
                          + _release_wait(q, now), "of which ")
+    lines += _backoff_reasons(q.get("backoff_reasons") or [], now)
     if q.get("other_stages"):
         lines += _packed([f"{k} {v}" for k, v in sorted(q["other_stages"].items())], "other stages: ")
+    if q.get("priorities"):
+        lines += _packed([f"{p.get('anime_title') or p.get('anime_id')} {_priority(p.get('priority'))}"
+                          f" ({p.get('jobs')} to do)" for p in q["priorities"]], "priority: ")
+    return lines
+
+
+def _priority(value: object) -> str:
+    return {10: "high", -10: "low"}.get(value, f"{value}") if isinstance(value, int) else "?"
+
+
+def _pause(pause: dict, bandwidth: dict, now: float | None) -> list[str]:
+    """The operator's pause and a bandwidth limit changed at run time, when there are."""
+    lines = []
+    if pause.get("paused"):
+        until = f" until {clock(pause['until'], now)}" if pause.get("until") else " until resumed"
+        since = f" since {clock(pause['at'], now)}" if pause.get("at") else ""
+        by = f" by {pause['by']}" if pause.get("by") else ""
+        lines.append(_label("paused", f"by the operator{since}{until}"))
+        if by:
+            lines.append(_more(f"asked{by}" + ("; running downloads were interrupted"
+                                               if pause.get("interrupted") else "")))
+    if bandwidth.get("changed"):
+        def mbps(value: object) -> str:
+            return f"{value:g} Mbps" if isinstance(value, (int, float)) and value > 0 else "unlimited"
+        lines.append(_label("bandwidth", f"{mbps(bandwidth.get('total_mbps'))} (config.toml: "
+                                         f"{mbps(bandwidth.get('configured_mbps'))}) until a restart"))
+    return lines
+
+
+def _backoff_reasons(reasons: list[dict], now: float | None) -> list[str]:
+    """Why jobs back off: each reason with its count and soonest retry, wrapped."""
+    lines = []
+    for r in reasons:
+        retry = f" (next retry {clock(r['next_retry_at'], now)})" if r.get("next_retry_at") else ""
+        lines += [_more(part) for part in textwrap.wrap(
+            f"backing off: {r.get('count', 0)} x {r.get('reason') or '?'}{retry}",
+            WIDTH - LABEL, subsequent_indent="  ")]
     return lines
 
 
@@ -239,6 +279,7 @@ def render_text(status: dict) -> str:
         flags.append(f"anime {disp['anime_id']} only")
     lines = [f"anime-downloader at {clock(now)}" + (f" ({', '.join(flags)})" if flags else "")]
     lines += _database(status.get("database") or {}, now)
+    lines += _pause(status.get("pause") or {}, status.get("bandwidth") or {}, now)
     lines += _queue(status.get("queue") or {}, now)
     lines += _workers(status.get("workers") or [])
     lines += _disk(status.get("disk") or {})
@@ -248,4 +289,11 @@ def render_text(status: dict) -> str:
     lines += _failures(status.get("recent_failures") or [], now)
     lines += _failure_classes(status, now)
     lines += _mismatches(status.get("title_mismatches") or [], now)
+    return "\n".join(clip(line) for line in lines)
+
+
+def render_queue_from_database(q: dict, db_path: str, now: float) -> str:
+    """The queue lines alone, as read from jobs.db while no dispatcher answers (anime-status)."""
+    lines = [f"from {db_path} (read-only: the dispatcher is not answering) at {clock(now)}"]
+    lines += _queue(q, now)
     return "\n".join(clip(line) for line in lines)

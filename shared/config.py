@@ -139,6 +139,7 @@ DEFAULT_ENDPOINTS = {
     "status": "status.sock",
     "disk_state": "disk-state.sock",
     "disk_control": "disk-control.sock",
+    "control": "control.sock",
 }
 
 
@@ -147,6 +148,7 @@ class _ZmqFile(Section):
     status: Text | None = None
     disk_state: Text | None = None
     disk_control: Text | None = None
+    control: Text | None = None  # operator controls (anime-ctl, anime-web)
     curve: _CurveFile = msgspec.field(default_factory=_CurveFile)
 
 
@@ -193,6 +195,7 @@ class ZmqConfig(msgspec.Struct, frozen=True):
     status: str  # ROUTER, bound by the dispatcher; anime-status connects
     disk_state: str  # XPUB, bound by the disk-watcher
     disk_control: str  # PULL, bound by the disk-watcher (re-measure requests)
+    control: str  # ROUTER, bound by the dispatcher; anime-ctl and anime-web connect
     curve: CurveConfig = msgspec.field(default_factory=CurveConfig)
 
 

@@ -22,7 +22,9 @@ STAGE_QUEUED = "queued"
 STAGE_DOWNLOADING = "downloading"
 STAGE_DOWNLOADED = "downloaded"
 STAGE_FAILED = "failed"
-OWN_STAGES = (STAGE_QUEUED, STAGE_DOWNLOADING, STAGE_DOWNLOADED, STAGE_FAILED)
+STAGE_CANCELLED = "cancelled"  # an operator's cancel (anime-ctl cancel): terminal, never handed out
+OWN_STAGES = (STAGE_QUEUED, STAGE_DOWNLOADING, STAGE_DOWNLOADED, STAGE_FAILED, STAGE_CANCELLED)
+
 
 # The contract's DDL, verbatim, so a database we create is one the neighbours expect.
 CONTRACT_DDL = (
@@ -49,6 +51,16 @@ ADDED_COLUMNS = {
     # Failures that know what they are (shared/failures.py, docs/failures.md):
     "unreleased_since": "REAL",  # first "not released" of the episode; waits for a re-check
     "failure_class": "TEXT",  # the class of the last failed attempt
+    # Higher first (anime-ctl priority; upstream tools may set it too): see the claim in
+    # services/dispatcher/store.py and its indexes below.
+    "priority": "INTEGER NOT NULL DEFAULT 0",
+}
+
+# Tables this project adds: the dispatcher's own state that must survive its restart
+# (key -> JSON text; e.g. "manual_pause", services/dispatcher/controls.py).
+ADDED_TABLES = {
+    "downloader_state": """CREATE TABLE IF NOT EXISTS downloader_state (
+  key TEXT PRIMARY KEY, value TEXT NOT NULL, updated_at REAL)""",
 }
 
 INDEXES = {
@@ -61,6 +73,12 @@ INDEXES = {
                            "ON jobs(stage, next_attempt_at) WHERE unreleased_since IS NOT NULL",
     "idx_jobs_selection": "CREATE INDEX IF NOT EXISTS idx_jobs_selection "
                           "ON jobs(stage, anime_id) WHERE failure_class = 'selection'",
+    # The claim: the head of the queue (highest priority, then oldest), then that anime's
+    # lowest episode of the same priority; both walk an index from its start.
+    "idx_jobs_claim":
+        "CREATE INDEX IF NOT EXISTS idx_jobs_claim ON jobs(stage, priority DESC, id)",
+    "idx_jobs_anime_claim":
+        "CREATE INDEX IF NOT EXISTS idx_jobs_anime_claim ON jobs(anime_id, stage, priority, episode)",
 }
 
 
@@ -102,6 +120,7 @@ class Job(_Base):
     video_duration_seconds = peewee.FloatField(null=True)
     unreleased_since = peewee.FloatField(null=True)
     failure_class = peewee.TextField(null=True)
+    priority = peewee.IntegerField(default=0)
 
     class Meta:
         table_name = "jobs"
@@ -152,7 +171,8 @@ def missing_schema(db: peewee.SqliteDatabase) -> tuple[list[str], list[str], lis
     """(tables, columns, indexes) that ``upgrade_schema`` would add; reads only."""
     cursor = db.execute_sql("SELECT type, name FROM sqlite_master WHERE type IN ('table', 'index')")
     present = {(kind, name) for kind, name in cursor.fetchall()}
-    tables = [t for t in ("anime_selection_cache", "jobs") if ("table", t) not in present]
+    tables = [t for t in ("anime_selection_cache", "jobs", *ADDED_TABLES)
+              if ("table", t) not in present]
     columns = list(ADDED_COLUMNS) if "jobs" in tables else [
         name for name in ADDED_COLUMNS if name not in existing_columns(db)]
     indexes = [name for name in INDEXES if ("index", name) not in present]
@@ -171,7 +191,7 @@ def upgrade_schema(db: peewee.SqliteDatabase) -> list[str]:
         return []
     added = []
     with db.atomic():  # BEGIN IMMEDIATE: look again under the lock
-        for ddl in CONTRACT_DDL:
+        for ddl in (*CONTRACT_DDL, *ADDED_TABLES.values()):
             db.execute_sql(ddl)
         existing = existing_columns(db)
         for name, sql_type in ADDED_COLUMNS.items():

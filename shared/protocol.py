@@ -157,7 +157,7 @@ class JobAssign(Message):
     dry_run: bool = False
     # Retries counted so far: attempt - 1 - retry_count earlier attempts ended without
     # counting one (stops, full disk...). The worker caps how many stops it cannot prove
-    # were stops may go uncounted (services/worker/agent.py).
+    # were stops may go uncounted (services/worker/verdict.py).
     retry_count: int = 0
     # The id in the storage's marker (shared/storage.py): the worker writes nothing unless
     # storage_dir holds it, also on another machine that cannot read the installation's
@@ -236,9 +236,13 @@ class JobAck(Message):
 
 @message("job.cancel")
 class JobCancel(Message):
+    """Stop this attempt now (its process group is killed). ``keep_partials``: the partial
+    files stay for a later attempt to resume (a lost lease, an operator's pause --now or a
+    new bandwidth limit); False: they are deleted (an operator's cancel)."""
     job_id: int
     attempt: int
     reason: str
+    keep_partials: bool = True
 
 
 # --- disk-watcher ------------------------------------------------------------
@@ -288,6 +292,73 @@ class StatusRequest(Message):
 @message("status.reply")
 class StatusReply(Message):
     status: dict[str, Any]  # the document of anime-status --json
+
+
+# --- operator controls (anime-ctl, anime-web) -> dispatcher ---------------------
+# On the control endpoint ([zmq] control, a ROUTER the dispatcher binds); each request is
+# answered with one ControlReply. ``source`` says who asks (``anime-ctl``, ``anime-web
+# 127.0.0.1``): the dispatcher logs every action with it. The field names are those of
+# services/controls.py, which parses anime-ctl's arguments and the web's JSON bodies.
+
+@message("control.pause")
+class ControlPause(Message):
+    """No new download starts; ``duration_seconds``: resume by itself after that long;
+    ``now``: also interrupt the running downloads (requeued, no retry counted)."""
+    source: str
+    duration_seconds: float | None = None
+    now: bool = False
+
+
+@message("control.resume")
+class ControlResume(Message):
+    source: str
+
+
+@message("control.retry")
+class ControlRetry(Message):
+    """Exactly one of: every failed job, these job ids, or one anime's jobs."""
+    source: str
+    failed: bool = False
+    job_ids: list[int] = []
+    anime_id: int | None = None
+
+
+@message("control.cancel")
+class ControlCancel(Message):
+    source: str
+    job_id: int
+
+
+@message("control.priority")
+class ControlPriority(Message):
+    """One anime's jobs (``anime_id``) or one job (``job_id``) get ``priority``."""
+    source: str
+    priority: int
+    anime_id: int | None = None
+    job_id: int | None = None
+
+
+@message("control.bandwidth")
+class ControlBandwidth(Message):
+    """``total_bandwidth_mbps`` from now until the dispatcher restarts; 0 = unlimited."""
+    source: str
+    mbps: float
+
+
+@message("control.reply")
+class ControlReply(Message):
+    """``message``: one line saying what was done (or why not); ``result``: its figures
+    (``error``: ``bad_argument``, ``not_found``, ``conflict`` or ``unavailable`` when not ok)."""
+    ok: bool
+    message: str
+    result: dict[str, Any] = {}
+
+
+#: command name (anime-ctl's, /api/ctl/<command>) -> its request message
+CONTROL_REQUESTS: dict[str, type[Message]] = {
+    "pause": ControlPause, "resume": ControlResume, "retry": ControlRetry,
+    "cancel": ControlCancel, "priority": ControlPriority, "bandwidth": ControlBandwidth,
+}
 
 
 def kinds() -> list[str]:

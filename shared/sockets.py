@@ -119,7 +119,7 @@ class Sockets:
         return public, secret
 
     def _endpoint_key(self, endpoint: str) -> str:
-        for key in ("dispatcher", "status", "disk_state", "disk_control"):
+        for key in ("dispatcher", "status", "disk_state", "disk_control", "control"):
             if getattr(self.config.zmq, key) == endpoint:
                 return key
         return endpoint

@@ -65,6 +65,24 @@ def render_toml(tables: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def mount_tmpfs(where: Path, size: str | int) -> None:
+    """Mount a real filesystem of ``size`` (``1m``, or bytes) at the existing directory
+    ``where``, or skip the test where mounting is not permitted (needs root or
+    CAP_SYS_ADMIN). Undo with ``unmount``."""
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        import pytest
+
+        pytest.skip(f"cannot mount a {size} tmpfs here (needs root/CAP_SYS_ADMIN): "
+                    f"{done.stderr.strip()}")
+
+
+def unmount(where: Path) -> None:
+    """Lazily: a process of the test that still has a file open there does not keep it."""
+    subprocess.run(["umount", "-l", str(where)], check=False)
+
+
 class WaitTimeout(AssertionError, TimeoutError):
     """A bounded wait that ran out: a test failure, and a TimeoutError for code that expects one."""
 

@@ -17,7 +17,12 @@ deleted, so a job holds up to twice its episode at once (``peak_factor``).
 
 An ``unavailable`` storage refuses every job (but in a dry run, which writes
 nothing), and so does a worker's report that it found the storage unavailable,
-until the disk-watcher has looked again.
+until the disk-watcher has looked again. A dry run downloads nothing, so the disk
+never refuses it (``dry_run``): neither the budget nor a paused disk holds it back.
+
+``refusal()`` words a refusal the same way while it holds (the log says it once per
+change); ``explain()`` is the same refusal with the figures behind it, for the status
+(``usage 56.1 MB + expected 4.0 MB would pass pause_threshold_gb 60.0 MB``).
 """
 
 from __future__ import annotations
@@ -30,6 +35,17 @@ from shared.protocol import DiskStateMsg
 
 STALE_AFTER_SECONDS = 5.0  # no fresh disk state for this long: treat as paused
 UNAVAILABLE = "unavailable"
+BUDGET = "budget: in-flight reservations would pass pause_threshold_gb"
+MIN_FREE = "free space would fall below min_free_gb"
+
+
+def size_text(n: float) -> str:
+    """Decimal units, as anime-status prints them (1 MB = 1,000,000 bytes)."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
 
 
 def peak_factor(downloader: DownloaderConfig) -> float:
@@ -55,6 +71,7 @@ class Admission:
     stale_after: float = STALE_AFTER_SECONDS
     peak_factor: float = 1.0  # see peak_factor()
     ignore_storage: bool = False  # a dry run writes nothing: an unavailable storage is no refusal
+    dry_run: bool = False  # a dry run downloads nothing: the disk never refuses it
     state: DiskStateMsg | None = None
     received_at: float = 0.0
     reservations: dict[int, Reservation] = field(default_factory=dict)
@@ -127,6 +144,8 @@ class Admission:
 
     def refusal(self, now: float, anime_id: int | None = None) -> str | None:
         """Why a new job may not start now, or None when it may."""
+        if self.dry_run:
+            return None
         if self.state is None:
             return "no disk state yet"
         if not self.fresh(now):
@@ -143,11 +162,33 @@ class Admission:
             return "no space left on device; waiting for space"
         expected = self.peak_for(anime_id)
         if self.committed_bytes() + expected > self.disk.pause_bytes:
-            return "budget: in-flight reservations would pass pause_threshold_gb"
+            return BUDGET
         free_after = self.state.free_bytes - self._unwritten() - expected
         if free_after < self.disk.min_free_bytes:
-            return "free space would fall below min_free_gb"
+            return MIN_FREE
         return None
+
+    def explain(self, now: float, anime_id: int | None = None) -> str | None:
+        """``refusal()`` with the figures that make it (for the status), or None."""
+        refusal = self.refusal(now, anime_id)
+        if refusal not in (BUDGET, MIN_FREE):
+            return refusal
+        assert self.state is not None
+        expected = self.peak_for(anime_id)
+        wanted = f"expected {size_text(expected)}"
+        if self.peak_factor > 1:
+            wanted += f" ({self.peak_factor:g} x {size_text(self.expected_for(anime_id))}: " \
+                      "the download and its MKV remux)"
+        if refusal == MIN_FREE:
+            unwritten = self._unwritten()
+            held = f" - {size_text(unwritten)} still to be written" if unwritten else ""
+            return (f"free {size_text(self.state.free_bytes)}{held} - {wanted} would fall below "
+                    f"min_free_gb {size_text(self.disk.min_free_bytes)}")
+        # committed = usage + the reservations beyond what the downloads have written yet
+        ahead = self.committed_bytes() - self.state.usage_bytes
+        held = f" + {size_text(ahead)} reserved for running downloads" if ahead > 0 else ""
+        return (f"usage {size_text(self.state.usage_bytes)}{held} + {wanted} would pass "
+                f"pause_threshold_gb {size_text(self.disk.pause_bytes)}")
 
     def _why_not_running(self) -> str:
         """The disk-watcher's reason, in words that stay the same while it holds (logged on change)."""

@@ -35,9 +35,10 @@ from typing import Callable
 
 from shared.config import Config
 from shared.lifecycle import kv
-from shared.protocol import (DiskStateMsg, JobAssign, JobFailed, JobFinished, JobHeartbeat,
-                             JobLanded, Message, WorkerBye, WorkerReady)
+from shared.protocol import (DiskStateMsg, ControlReply, JobAssign, JobFailed, JobFinished,
+                             JobHeartbeat, JobLanded, Message, WorkerBye, WorkerReady)
 from services.dispatcher.admission import Admission, peak_factor
+from services.dispatcher.controls import Controls
 from services.dispatcher.counts import QueueCounts
 from services.dispatcher.db_health import Database
 from services.dispatcher.disk_hooks import DiskHooks
@@ -45,14 +46,14 @@ from services.dispatcher.effects import Effects
 from services.dispatcher.endings import Endings
 from services.dispatcher.handout import Handout
 from services.dispatcher.leases import REQUEUE, Ending, LeaseTable, owner_worker_id
-from services.dispatcher.recent import Recent
+from services.dispatcher.recent import HOUR, Recent
 from services.dispatcher.reports import Reports
 from services.dispatcher.retries import RetryPolicy
 from services.dispatcher.sessions import Sessions, always_connected
 from services.dispatcher.settlement import Settlement
 from services.dispatcher.snapshot import StatusSnapshot
 from services.dispatcher.stopping import Stopping
-from services.dispatcher.store import SqlJobStore, StoreUnavailable
+from services.dispatcher.store import STATE_MANUAL_PAUSE, SqlJobStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,8 @@ class Dispatcher:
         self.leases = LeaseTable()
         self.sessions = Sessions(config.queue.lease_seconds, connected)
         self.admission = Admission(config.disk, peak_factor=peak_factor(config.downloader),
-                                   ignore_storage=self.options.dry_run)
+                                   ignore_storage=self.options.dry_run,
+                                   dry_run=self.options.dry_run)
         self.disk = DiskHooks(self.admission)
         self.counts = QueueCounts()
         self.recent = Recent()
@@ -94,6 +96,8 @@ class Dispatcher:
                                self.leases, self.sessions, self.disk, self.retries,
                                self.settlement, self.endings, self.handout, self.recent)
         self.stop = Stopping(self.leases, self.sessions)
+        self.controls = Controls(self.options.dry_run, self.db, self.leases, self.counts,
+                                 self.retries, self.settlement, self.endings, self.handout)
         self.started = False
 
     @property
@@ -120,15 +124,19 @@ class Dispatcher:
         try:
             store.open()
             sizes = store.recent_sizes()
+            landings = store.landings_since(now - HOUR)
             rows = store.leases()
             jobs = {row.id: store.get(row.id) for row in rows}
             live = store.live_job_ids() if dirs is not None else set()
+            pause = store.get_state(STATE_MANUAL_PAUSE)
         except StoreUnavailable as exc:
             self.db.health.failed(exc, now, quiet=True)  # the server says it waits, once
             raise
         self.db.health.busy_since, self.db.health.error = None, None
+        self.controls.load(pause, now)
         for size_row in reversed(sizes):
             self.admission.record_size(*size_row)
+        self.recent.landed_before(landings)  # the last hour counts from the database
         self.handout.readopt_at_start(rows, jobs, now)
         self.effects.poll_storage(now)
         if dirs is not None:
@@ -183,7 +191,7 @@ class Dispatcher:
 
     def _on_ready(self, identity: bytes, msg: WorkerReady, now: float) -> list[Outgoing]:
         if self.sessions.credit(identity, msg, now):
-            return self.handout.assign(now, self.stopping or not self.started)
+            return self.handout.assign(now, self.holding)
         return []
 
     def _on_bye(self, identity: bytes, msg: WorkerBye, now: float) -> list[Outgoing]:
@@ -204,8 +212,7 @@ class Dispatcher:
 
     def on_disk_state(self, msg: DiskStateMsg, now: float) -> list[Outgoing]:
         self.disk.on_state(msg, now)
-        return self.handout.assign(now, self.stopping or not self.started) + \
-            self.endings.take_outbox()
+        return self.handout.assign(now, self.holding) + self.endings.take_outbox()
 
     def stalled(self, seconds: float, now: float) -> None:
         """The loop could not run for ``seconds`` (blocked, or the machine suspended): the
@@ -228,8 +235,9 @@ class Dispatcher:
             log.info(kv("worker silent, forgotten", worker_id=owner_worker_id(identity)))
         self.counts.refresh(self.db, now)
         self.effects.poll_storage(now)
-        return self.handout.assign(now, self.stopping or not self.started) + \
-            self.endings.take_outbox()
+        if self.started:
+            self.controls.tick(now)
+        return self.handout.assign(now, self.holding) + self.endings.take_outbox()
 
     def _write_deadlines(self, now: float) -> None:
         """The deadlines heartbeats extended, in one short transaction per tick rather than
@@ -250,6 +258,25 @@ class Dispatcher:
     @property
     def stopping(self) -> bool:
         return self.stop.requested
+
+    @property
+    def holding(self) -> bool:
+        """Hand out nothing: not started yet, stopping, or paused by the operator."""
+        return self.stopping or not self.started or self.controls.paused
+
+    # --- the operator's controls ------------------------------------------------
+
+    def control(self, msg: Message, now: float) -> tuple[ControlReply, list[Outgoing]]:
+        """An operator's request (controls.py): its reply, and what to send to workers
+        (a JobCancel once an ending it decided is written, jobs handed out after a resume
+        or a retry)."""
+        if not self.started:
+            reply = ControlReply(ok=False, message="the dispatcher is starting (waiting for "
+                                 "the database); try again", result={"error": "unavailable"})
+            return reply, []
+        reply = self.controls.handle(msg, now)
+        return reply, self.endings.take_outbox() + self.handout.assign(now, self.holding) + \
+            self.endings.take_outbox()
 
     def begin_stop(self, now: float, everyone_stops: bool) -> None:
         """A stop was requested: hand out nothing more (see stopping.py)."""
@@ -293,10 +320,13 @@ class Dispatcher:
             workers=[(seen, by_owner.get(identity)) for identity, seen in workers],
             disk_config=self.config.disk, disk_state=self.admission.state,
             disk_fresh=self.admission.fresh(now), reserved_bytes=self.admission.reserved_bytes(),
-            refusal=self.admission.refusal(now), last_hour=self.recent.last_hour(now),
+            refusal=self.controls.refusal(now) or self.admission.explain(now),
+            last_hour=self.recent.last_hour(now),
             title_mismatches=list(self.recent.title_mismatches),
             db_busy_since=health.busy_since, db_error=health.error,
             pending_writes=self.leases.pending_writes() if health.busy_since is not None else 0,
+            manual_pause=self.controls.status(now), priorities=list(self.controls.priorities),
+            bandwidth=self.controls.bandwidth(),
             failure_classes=self.recent.failure_classes(now),
             selection_review=list(self.counts.selection_review),
             holds=self.retries.holds.active(now))

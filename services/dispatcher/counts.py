@@ -35,6 +35,7 @@ class QueueCounts:
         self.selection_review: list[dict] = []  # anime whose jobs failed on their selection
         self.counted_at = -1e18
         self.queue_empty = False  # the last claim found nothing runnable
+        self._claimed_for_retry: float | None = None  # the backoff end a claim was tried for
         self.no_selection_logged: set[int] = set()
         self._dirty = True
         self._external = False
@@ -53,10 +54,12 @@ class QueueCounts:
         if not self.queue_empty:
             return False
         retry_at = self._soonest()
-        if retry_at is None or now < retry_at:
+        if retry_at is None or now < retry_at or retry_at == self._claimed_for_retry:
             return True
-        self.queue_empty = False  # a backoff (or a release's re-check) ran out since
-        self.detail["next_retry_at"] = self.detail["next_recheck_at"] = None
+        # A backoff (or a release's re-check) ran out since the queue looked empty: one
+        # claim for it. The status keeps showing that time until the next count moves on.
+        self.queue_empty = False
+        self._claimed_for_retry = retry_at
         return False
 
     def _soonest(self) -> float | None:

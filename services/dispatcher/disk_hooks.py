@@ -72,7 +72,9 @@ class DiskHooks:
         refusal = self.admission.refusal(now)
         if refusal != self._last_refusal:
             if refusal:
-                log.info(kv("not handing out work", why=refusal))
+                figures = self.admission.explain(now)
+                log.info(kv("not handing out work", why=refusal,
+                            figures=figures if figures != refusal else None))
             elif self._last_refusal:
                 log.info(kv("handing out work again"))
             self._last_refusal = refusal

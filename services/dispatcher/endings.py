@@ -11,6 +11,7 @@ told to stop (``JobCancel`` in the outbox).
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from pathlib import Path
 
 from shared import failures
@@ -21,7 +22,7 @@ from services.dispatcher.admission import Admission
 from services.dispatcher.counts import QueueCounts
 from services.dispatcher.db_health import Database
 from services.dispatcher.disk_hooks import DiskHooks
-from services.dispatcher.leases import (DISPATCHER, FAIL, LAND, REQUEUE, Ending, Lease,
+from services.dispatcher.leases import (CANCEL, DISPATCHER, FAIL, LAND, REQUEUE, Ending, Lease,
                                         LeaseTable, owner_worker_id)
 from services.dispatcher.recent import Recent
 from services.dispatcher.retries import RetryPolicy
@@ -31,6 +32,7 @@ from services.dispatcher.store import JobRow, StoreUnavailable
 log = logging.getLogger(__name__)
 Outgoing = tuple[bytes, Message]
 CHANGED_ELSEWHERE = "job changed by another program"
+STOPPED_KEPT = 10_000
 
 
 def context(lease: Lease) -> dict:
@@ -47,6 +49,9 @@ class Endings:
         self.db, self.leases, self.admission, self.counts = db, leases, admission, counts
         self.retries, self.settlement, self.recent, self.disk = retries, settlement, recent, disk
         self.outbox: list[Outgoing] = []  # JobCancel to workers whose row another program took
+        # Attempts the dispatcher stopped itself (an operator's control), job id -> attempt:
+        # a heartbeat of such an attempt still on its way must not re-adopt the requeued row.
+        self.stopped: OrderedDict[int, int] = OrderedDict()
 
     def take_outbox(self) -> list[Outgoing]:
         out, self.outbox = self.outbox, []
@@ -85,15 +90,20 @@ class Endings:
             elif e.kind == FAIL:
                 ok = self.db.write(now, store.mark_failed, job.id, job.attempt,
                                    e.error or "failed", now, e.failure_class)
+            elif e.kind == CANCEL:
+                ok = self.db.write(now, store.mark_cancelled, job.id, job.attempt, now)
             elif e.failure_class == failures.NOT_RELEASED:
                 stage = self.db.write(now, store.await_release, job.id, job.attempt,
                                       self.retries.release_wait(e.error or "", now), now,
                                       e.failure_class)
                 ok = stage is not None
             else:
+                not_before = self.retries.not_before(job.id, e, now)
+                if e.hold_seconds > 0:
+                    not_before = max(not_before or 0.0, now + e.hold_seconds)
                 stage = self.db.write(now, store.requeue, job.id, job.attempt, e.count_retry,
-                                      e.error, self.retries.backoff_for(e, now), now,
-                                      self.retries.not_before(job.id, e, now), e.failure_class)
+                                      e.error, self.retries.backoff_for(e, now), now, not_before,
+                                      e.failure_class)
                 ok = stage is not None
         except StoreUnavailable:
             return False
@@ -101,8 +111,20 @@ class Endings:
             self.changed_elsewhere(lease, now)
             return True
         self._drop(lease, now)
-        {LAND: self._landed, FAIL: self._failed, REQUEUE: self._requeued}[e.kind](lease, stage, now)
+        {LAND: self._landed, FAIL: self._failed, REQUEUE: self._requeued,
+         CANCEL: self._cancelled}[e.kind](lease, stage, now)
+        if e.stop_worker is not None and lease.owner != DISPATCHER and not lease.unowned:
+            self.outbox.append((lease.owner, JobCancel(job_id=job.id, attempt=job.attempt,
+                                                       reason=e.stop_worker,
+                                                       keep_partials=e.keep_partials)))
+            self.stopped[job.id] = job.attempt
+            while len(self.stopped) > STOPPED_KEPT:
+                self.stopped.popitem(last=False)
         return True
+
+    def was_stopped(self, job_id: int, attempt: int) -> bool:
+        """Whether the dispatcher told this attempt to stop (it may not be re-adopted)."""
+        return self.stopped.get(job_id) == attempt
 
     def _drop(self, lease: Lease, now: float) -> None:
         self.leases.pop(lease.job.id, None)
@@ -137,12 +159,20 @@ class Endings:
         log.error(kv("failed", **context(lease), error=lease.ending.error,
                      failure_class=lease.ending.failure_class))
 
+    def _cancelled(self, lease: Lease, stage: str | None, now: float) -> None:
+        """Cancelled by the operator: the worker deletes its partial files (JobCancel);
+        a directory no attempt holds any more is removed here."""
+        self.retries.forget(lease.job.id)
+        self.settlement.cleanup_if_free(lease.job.id)
+        log.warning(kv("cancelled", **context(lease), source=lease.ending.source or None))
+
     def _requeued(self, lease: Lease, stage: str | None, now: float) -> None:
         e, job = lease.ending, lease.job
         assert e is not None
         self.retries.requeued(job.id, e, stage)
         self.recent.failure(now, e.failure_class)
-        ctx = dict(context(lease), reason=e.reason or None, failure_class=e.failure_class)
+        ctx = dict(context(lease), reason=e.reason or None, source=e.source or None,
+                   failure_class=e.failure_class)
         if e.failure_class == failures.NOT_RELEASED:
             self._unreleased(lease, stage, ctx)
         elif stage == STAGE_FAILED:

@@ -41,6 +41,8 @@ class Handout:
         self.db, self.leases, self.sessions, self.disk = db, leases, sessions, disk
         self.admission = disk.admission
         self.counts, self.settlement, self.endings, self.effects = counts, settlement, endings, effects
+        # total_bandwidth_mbps now: the config's, until an operator changes it (controls.py)
+        self.total_bandwidth_mbps = config.downloader.total_bandwidth_mbps
 
     @property
     def lease_seconds(self) -> float:
@@ -99,7 +101,8 @@ class Handout:
         return True
 
     def _lease(self, job: ClaimedJob, identity: bytes, now: float) -> JobAssign:
-        self.leases[job.id] = Lease(job, identity, now + self.lease_seconds, now)
+        rate = self.rate_share()
+        self.leases[job.id] = Lease(job, identity, now + self.lease_seconds, now, rate_bps=rate)
         self.admission.reserve(job.id, job.anime_id)
         self.sessions.workers[identity].state = "downloading"
         # DEBUG: the worker logs the start ("ani-cli started"), this log keeps the outcomes
@@ -111,18 +114,18 @@ class Handout:
                          selected_index=int(job.selected_index or 0),
                          selected_title=str(job.selected_title or ""),
                          confidence=str(job.confidence or ""), lease_seconds=self.lease_seconds,
-                         rate_limit_bps=self._rate_share(), dry_run=self.dry_run,
+                         rate_limit_bps=rate, dry_run=self.dry_run,
                          retry_count=int(job.retry_count or 0),
                          storage_id=self.effects.storage_id)
 
-    def _rate_share(self) -> int:
+    def rate_share(self) -> int:
         """A worker's share of total_bandwidth_mbps, in bytes/s, fixed for the whole attempt.
 
         Divided among the workers connected, and at least among the workers started with
         the dispatcher: they connect one by one, and the first jobs handed out must not
         take the whole of it (4 workers would otherwise draw 1 + 1/2 + 1/3 + 1/4 of it).
         """
-        total = self.config.downloader.total_bandwidth_mbps * 1_000_000 / 8
+        total = self.total_bandwidth_mbps * 1_000_000 / 8
         if total <= 0:
             return 0
         return max(1, int(total / max(1, len(self.sessions.workers), self.workers_started)))
@@ -130,6 +133,8 @@ class Handout:
     def readopt(self, identity: bytes, job_id: int, attempt: int, now: float) -> Lease | None:
         """Give a queued job back to the worker still downloading its last attempt (its
         heartbeat or its report came in); None if the row is not that any more."""
+        if self.endings.was_stopped(job_id, attempt):
+            return None  # the operator stopped it: its heartbeat was on its way
         deadline = now + self.lease_seconds
         job = self.db.write(now, self.db.store.readopt, job_id, attempt, identity.decode(), deadline)
         if job is None:

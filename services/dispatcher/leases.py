@@ -20,6 +20,7 @@ from shared.models import STAGE_DOWNLOADING
 from services.dispatcher.store import ClaimedJob
 
 LAND, REQUEUE, FAIL = "land", "requeue", "fail"
+CANCEL = "cancel"  # an operator's cancel: the terminal stage cancelled
 # The owner of a lease the dispatcher ends itself (an invalid row, a file already landed).
 DISPATCHER = b""
 
@@ -27,7 +28,7 @@ DISPATCHER = b""
 @dataclass
 class Ending:
     """How a lease ends, kept on it until the write that records it has committed."""
-    kind: str  # LAND | REQUEUE | FAIL
+    kind: str  # LAND | REQUEUE | FAIL | CANCEL
     error: str | None = None
     count_retry: bool = False
     reason: str = ""  # the worker's JobFailed.reason, or why the dispatcher ends it
@@ -36,6 +37,12 @@ class Ending:
     duration: float | None = None
     stages: tuple[str, ...] = (STAGE_DOWNLOADING,)  # where the row may be, for LAND
     settled: str | None = None  # LAND of a file found in place: why (for the log)
+    # An ending the dispatcher decided while the worker still runs the attempt (an
+    # operator's control): once written, the worker gets JobCancel with this reason.
+    stop_worker: str | None = None
+    keep_partials: bool = True  # for that JobCancel: keep the partial files to resume
+    hold_seconds: float = 0.0  # REQUEUE: not handed out again before this long
+    source: str = ""  # who asked (an operator's control), for the log
     failure_class: str | None = None  # shared/failures.py: what kind of failure it was
     hold_until: float | None = None  # a Cloudflare block: its host's hold (holds.py)
 
@@ -52,6 +59,7 @@ class Lease:
     eta_seconds: float | None = None
     state: str = "downloading"
     committed_path: str | None = None  # set once JobCommit was sent
+    rate_bps: int = 0  # the rate limit its JobAssign gave (0: none)
     ending: Ending | None = None
     deadline_dirty: bool = False  # the database has an older deadline (written in batches)
 

@@ -1,6 +1,7 @@
-"""What the status shows of the recent past that the database does not keep for it:
-the landings of the last hour (time and size), the last title mismatches, and in a dry
-run how many jobs would have been downloaded. Bounded, so a long run keeps no more.
+"""What the status shows of the recent past: the landings of the last hour (time and
+size; those before the dispatcher's start read from the database's finish times), the
+last title mismatches, and in a dry run how many jobs would have been downloaded.
+Bounded, so a long run keeps no more.
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ class Recent:
 
     def landing(self, now: float, size: int) -> None:
         self.landed.append((now, size))
+
+    def landed_before(self, landings: list[tuple[float, int]]) -> None:
+        """The landings the database has of the last hour (``jobs.finished_at``), oldest
+        first, read at start: the last hour does not begin with the dispatcher."""
+        self.landed.extend(landings)
 
     def title_mismatch(self, job: ClaimedJob, site_title: str | None, now: float) -> None:
         """An episode that landed although the site's title is not the selected one

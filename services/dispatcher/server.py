@@ -16,8 +16,8 @@ import zmq
 
 from shared.config import Config
 from shared.lifecycle import StopRequest, kv
-from shared.protocol import (DiskStateMsg, DiskUsageMsg, Message, ProtocolError, StatusReply,
-                             StatusRequest, WorkerProbe, decode, encode)
+from shared.protocol import (CONTROL_REQUESTS, ControlReply, DiskStateMsg, DiskUsageMsg, Message, ProtocolError,
+                             StatusReply, StatusRequest, WorkerProbe, decode, encode)
 from shared.singleton import hold_lock
 from shared.sockets import Sockets, is_local_endpoint, waiting
 from shared.timers import Timers
@@ -61,6 +61,7 @@ class DispatcherServer:
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.status = self.sockets.bind(zmq.ROUTER, zc.status, "status")
+        self.control = self.sockets.bind(zmq.ROUTER, zc.control, "control")
         self.disk_sub = self.sockets.connect(zmq.SUB, zc.disk_state)
         for kind in (DiskStateMsg.KIND, DiskUsageMsg.KIND):  # the state, and every re-measure
             self.disk_sub.setsockopt(zmq.SUBSCRIBE, kind.encode())
@@ -68,9 +69,9 @@ class DispatcherServer:
         self.disk_push.setsockopt(zmq.SNDHWM, 10)
         self.poller = zmq.Poller()
         self.start_poller = zmq.Poller()  # until the database is open: no worker messages
-        for sock in (self.router, self.status, self.disk_sub):
+        for sock in (self.router, self.status, self.control, self.disk_sub):
             self.poller.register(sock, zmq.POLLIN)
-        for sock in (self.status, self.disk_sub):
+        for sock in (self.status, self.control, self.disk_sub):
             self.start_poller.register(sock, zmq.POLLIN)
         self.poller.register(self.stop.wakeup_fd, zmq.POLLIN)
         self.start_poller.register(self.stop.wakeup_fd, zmq.POLLIN)
@@ -113,6 +114,8 @@ class DispatcherServer:
             # status request waited behind up to 1000 of them (p50 237 ms at 1,200 jobs/s).
             if self.status in events:
                 self._drain(self.status, self._on_status)
+            if self.control in events:
+                self._drain(self.control, self._on_control, limit=10)
             if self.router in events:
                 self._drain(self.router, self._on_worker, limit=100, copy=not self.curve)
             if timers.due(TICK, time.monotonic()):
@@ -177,6 +180,8 @@ class DispatcherServer:
                         self.dispatcher.disk.on_state(msg, time.time())
             if self.status in events:
                 self._drain(self.status, self._on_status)
+            if self.control in events:  # answered: "starting, try again"
+                self._drain(self.control, self._on_control, limit=10)
 
     def _finish(self) -> int | None:
         """Print the summary and end (0); None when the counts cannot be read just now."""
@@ -235,15 +240,27 @@ class DispatcherServer:
         self._send(self.dispatcher.on_disk_state(msg, time.time()))
 
     def _on_status(self, frames: list[bytes]) -> None:
-        identity, rest = frames[0], frames[1:]
-        envelope = [identity]
-        if rest and rest[0] == b"":  # a REQ peer adds an empty delimiter
-            envelope.append(b"")
-            rest = rest[1:]
+        envelope, rest = _split_envelope(frames)
         if not isinstance(decode(rest), StatusRequest):
             raise ProtocolError("only status.request is served on the status endpoint")
         reply = StatusReply(status=build_status(self.dispatcher.snapshot(time.time())))
         self.status.send_multipart(envelope + encode(reply), zmq.NOBLOCK)
+
+    def _on_control(self, frames: list[bytes]) -> None:
+        """An operator's request (anime-ctl, anime-web): one ControlReply to its sender."""
+        envelope, rest = _split_envelope(frames)
+        msg = decode(rest)
+        if type(msg) not in CONTROL_REQUESTS.values():
+            raise ProtocolError(f"{msg.KIND} is not served on the control endpoint")
+        try:
+            reply, outgoing = self.dispatcher.control(msg, time.time())
+        except Exception:  # a bug: the asker hears it at once, _drain logs the traceback
+            self.control.send_multipart(envelope + encode(ControlReply(
+                ok=False, message=f"{msg.KIND} failed in the dispatcher (see its log)",
+                result={"error": "unavailable"})), zmq.NOBLOCK)
+            raise
+        self.control.send_multipart(envelope + encode(reply), zmq.NOBLOCK)
+        self._send(outgoing)
 
     def _send(self, outgoing: list[tuple[bytes, Message]]) -> None:
         for identity, msg in outgoing:
@@ -260,3 +277,13 @@ class DispatcherServer:
                 self.disk_push.send_multipart(encode(request), zmq.NOBLOCK)
             except zmq.Again:
                 pass  # the disk-watcher is down or busy; it re-measures on its own
+
+
+def _split_envelope(frames: list[bytes]) -> tuple[list[bytes], list[bytes]]:
+    """A ROUTER's frames as (the envelope to answer with, the message): the sender's
+    identity, and the empty delimiter a REQ peer adds."""
+    envelope, rest = [frames[0]], frames[1:]
+    if rest and rest[0] == b"":
+        envelope.append(b"")
+        rest = rest[1:]
+    return envelope, rest

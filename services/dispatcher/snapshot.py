@@ -43,6 +43,11 @@ class StatusSnapshot:
     db_busy_since: float | None
     db_error: str | None
     pending_writes: int
+    # the operator's controls (controls.py): the manual pause, priorities that are not 0,
+    # the bandwidth limit now
+    manual_pause: dict = field(default_factory=dict)
+    priorities: list[dict] = field(default_factory=list)
+    bandwidth: dict = field(default_factory=dict)
     # failures that know what they are (docs/failures.md)
     failure_classes: dict = field(default_factory=dict)  # class -> failed attempts, last hour
     selection_review: list[dict] = field(default_factory=list)  # anime to look at

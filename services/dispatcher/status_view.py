@@ -1,4 +1,4 @@
-"""The status document served to ``anime-status`` (shape documented in README.md, "Seeing what it is doing").
+"""The status document served to ``anime-status`` (shape documented in docs/status-json.md).
 
 Built from a ``StatusSnapshot`` (snapshot.py) of what the dispatcher keeps in memory,
 never from a query per request: the stage counts, the queue detail and the recent
@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import os
 
-from shared.models import OWN_STAGES, STAGE_DOWNLOADED, STAGE_DOWNLOADING, STAGE_FAILED, STAGE_QUEUED
+from shared.models import (OWN_STAGES, STAGE_CANCELLED, STAGE_DOWNLOADED, STAGE_DOWNLOADING,
+                           STAGE_FAILED, STAGE_QUEUED)
 from services.dispatcher.leases import Lease
 from services.dispatcher.sessions import WorkerSeen
 from services.dispatcher.snapshot import StatusSnapshot
 
 #: The worker states of the document; anything else a worker reports maps onto these.
 WORKER_STATES = ("idle", "paused", "downloading", "verifying", "stopping")
-#: The attempt phases of a worker (services/worker/attempt.py) after ani-cli has exited.
+#: The attempt phases of a worker (services/worker/held_job.py) after ani-cli has exited.
 _AFTER_DOWNLOAD = ("verifying", "awaiting_commit", "reporting")
 
 
@@ -39,11 +40,15 @@ def _queue(s: StatusSnapshot) -> dict:
         "downloading": counts.get(STAGE_DOWNLOADING, 0),
         "downloaded": counts.get(STAGE_DOWNLOADED, 0),
         "failed": counts.get(STAGE_FAILED, 0),
+        "cancelled": counts.get(STAGE_CANCELLED, 0),
         "waiting_for_selection": detail.get("waiting_for_selection", 0),
         "backing_off": detail.get("backing_off", 0),
         "next_retry_at": detail.get("next_retry_at"),
+        "backoff_reasons": list(detail.get("backoff_reasons") or []),
         "other_stages": {k: v for k, v in counts.items() if k not in OWN_STAGES},
         "counted_at": s.counted_at if s.counted_at > 0 else None,
+        # animes with jobs to do at a priority that is not normal (0), highest first
+        "priorities": list(s.priorities),
     }
 
 
@@ -115,6 +120,9 @@ def build_status(s: StatusSnapshot) -> dict:
         "last_hour": dict(s.last_hour),
         "title_mismatches": list(s.title_mismatches),
         "database": _database(s),
+        # the operator's pause (anime-ctl pause): since ("at"), until, by whom
+        "pause": dict(s.manual_pause) or {"paused": False},
+        "bandwidth": dict(s.bandwidth),
     }
     _failure_classes(s, doc)
     return doc

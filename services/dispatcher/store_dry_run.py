@@ -80,11 +80,17 @@ class DryRunStore(SqlJobStore):
             "SELECT COUNT(*) FROM jobs j LEFT JOIN anime_selection_cache s ON s.mal_id = j.anime_id "
             "WHERE j.stage = 'queued' AND s.mal_id IS NULL").fetchone()
         return {"waiting_for_selection": waiting, "backing_off": 0, "next_retry_at": None,
-                "runnable": len(self._pending or ())}
+                "runnable": len(self._pending or ()), "backoff_reasons": []}
 
     def recent_sizes(self, limit: int = 500) -> list[tuple[int, int]]:
         try:
             return super().recent_sizes(limit)
+        except peewee.OperationalError:  # an upstream database without our columns
+            return []
+
+    def landings_since(self, since: float) -> list[tuple[float, int]]:
+        try:
+            return super().landings_since(since)
         except peewee.OperationalError:  # an upstream database without our columns
             return []
 
@@ -96,3 +102,9 @@ class DryRunStore(SqlJobStore):
 
     def downloaded_since(self, since: float) -> tuple[int, int]:
         return 0, 0
+
+    def get_state(self, key: str) -> str | None:
+        return None  # an upstream database has no downloader_state; the controls write nothing
+
+    def priorities(self, limit: int = 50) -> list[dict]:
+        return []

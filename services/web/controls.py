@@ -1,26 +1,30 @@
 """The operator's requests (``/api/ctl/<command>``), mirroring ``anime-ctl`` (issue 18).
 
-Each command's JSON body is checked here (pure) and becomes the fields of the draft's
-``control.<command>`` message; a ``ControlClient`` sends it to the dispatcher's control
-endpoint. That endpoint does not exist yet, so the one client there is,
-``NoControlEndpoint``, answers "controls not available yet" (HTTP 503). Issue 18
-adds the messages to shared/protocol.py and a client that sends them; nothing else
-here changes.
+Each command's JSON body is checked by services/controls.py (pure, shared with
+anime-ctl) and becomes the fields of its ``control.<command>`` message; a
+``ControlClient`` sends it to the dispatcher's control endpoint (``[zmq] control``) and
+returns the dispatcher's ``control.reply``. ``ZmqControlClient`` is the real one, on
+anime-web's event loop; ``NoControlEndpoint`` answers "controls not available" (HTTP
+503), for a web server built without one.
 """
 
 from __future__ import annotations
 
-import re
-from typing import Any, Callable, Protocol
+import asyncio
+from typing import Protocol
 
-PRIORITY_NAMES = {"high": 10, "normal": 0, "low": -10}
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
-_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+import zmq
+import zmq.asyncio
+
+from services.controls import COMMANDS, PRIORITY_NAMES, BadArgument, duration_seconds, parse, request
+from shared.protocol import ControlReply, ProtocolError, decode, encode
+from shared.sockets import Sockets
+
+__all__ = ["COMMANDS", "PRIORITY_NAMES", "BadArgument", "duration_seconds", "parse",
+           "ControlClient", "ControlsUnavailable", "NoControlEndpoint", "ZmqControlClient"]
 NOT_AVAILABLE = "controls not available yet"
-
-
-class BadArgument(ValueError):
-    """A body that no command accepts; the message names the field and what to send."""
+CONTROL_TIMEOUT = 5.0  # a pause --now writes one row per running download: still quick
+CONNECT_SECONDS = 1.0  # a local endpoint connects in milliseconds; nothing there: say so
 
 
 class ControlsUnavailable(Exception):
@@ -34,111 +38,62 @@ class ControlClient(Protocol):
 
 
 class NoControlEndpoint:
-    """Until the dispatcher has a control endpoint (issue 18)."""
+    """A web server without a way to the dispatcher's controls."""
 
     async def send(self, command: str, fields: dict) -> dict:
         raise ControlsUnavailable(NOT_AVAILABLE)
 
 
-def duration_seconds(value: Any) -> float:
-    """``90`` (seconds), ``"30s"``, ``"90m"``, ``"2h"``, ``"1d"`` -> seconds."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        seconds = float(value)
-    elif isinstance(value, str) and (match := _DURATION.match(value)):
-        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-    else:
-        raise BadArgument(f"for: must be a duration such as 30s, 90m or 2h, got {value!r}")
-    if seconds <= 0:
-        raise BadArgument(f"for: must be longer than 0, got {value!r}")
-    return seconds
+class ZmqControlClient:
+    """The dispatcher's control endpoint, asked from anime-web's event loop (zmq.asyncio).
 
+    A fresh DEALER per request, as for the status: a late answer to an earlier request
+    is never taken for this one, and a silent dispatcher costs ``timeout`` and nothing
+    else. The socket is made like ``Sockets.connect`` makes it (limits, reconnects,
+    CURVE off loopback) and wrapped for asyncio (``zmq.asyncio.Socket.from_socket``)."""
 
-def _int(body: dict, key: str) -> int | None:
-    value = body.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise BadArgument(f"{key}: must be a positive whole number, got {value!r}")
-    return value
+    def __init__(self, sockets: Sockets, endpoint: str, timeout: float = CONTROL_TIMEOUT) -> None:
+        self.sockets = sockets
+        self.endpoint = endpoint
+        self.timeout = timeout
 
+    def _socket(self) -> tuple[zmq.asyncio.Socket, zmq.Socket]:
+        # IMMEDIATE: nothing is queued for a dispatcher that is not there, so a stopped one
+        # is known within CONNECT_SECONDS instead of the whole timeout
+        plain = self.sockets.connect(zmq.DEALER, self.endpoint, immediate=True)
+        return zmq.asyncio.Socket.from_socket(plain), plain
 
-def _only(body: dict, allowed: set[str]) -> None:
-    extra = sorted(set(body) - allowed)
-    if extra:
-        raise BadArgument(f"{extra[0]}: unknown field (expected: {', '.join(sorted(allowed)) or 'none'})")
+    async def send(self, command: str, fields: dict) -> dict:
+        fields = dict(fields)
+        source = fields.pop("source", "anime-web")
+        msg = request(command, fields, source)
+        sock, plain = self._socket()
+        try:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.timeout
+            if not await sock.poll(min(CONNECT_SECONDS, self.timeout) * 1000, zmq.POLLOUT):
+                raise ControlsUnavailable(self._silent(min(CONNECT_SECONDS, self.timeout)))
+            try:
+                await sock.send_multipart(encode(msg), zmq.NOBLOCK)
+            except zmq.Again:
+                raise ControlsUnavailable(self._silent()) from None
+            while (left := deadline - loop.time()) > 0:
+                if not await sock.poll(left * 1000):
+                    break
+                try:
+                    reply = decode(await sock.recv_multipart())
+                except ProtocolError:
+                    continue
+                if isinstance(reply, ControlReply):
+                    return {"ok": reply.ok, "message": reply.message, "result": dict(reply.result)}
+            raise ControlsUnavailable(self._silent())
+        finally:
+            # Closed through the asyncio wrapper: it removes its reader of ZMQ_FD from the
+            # loop first (a descriptor number left registered would steal the events of
+            # the next HTTP connection that gets that number).
+            sock.close(linger=0)
+            plain.close(linger=0)
 
-
-def _pause(body: dict) -> dict:
-    _only(body, {"for", "now"})
-    now = body.get("now", False)
-    if not isinstance(now, bool):
-        raise BadArgument(f"now: must be true or false, got {now!r}")
-    duration = None if body.get("for") is None else duration_seconds(body["for"])
-    return {"duration_seconds": duration, "now": now}
-
-
-def _resume(body: dict) -> dict:
-    _only(body, set())
-    return {}
-
-
-def _retry(body: dict) -> dict:
-    _only(body, {"failed", "job_ids", "anime_id"})
-    failed = body.get("failed", False)
-    if not isinstance(failed, bool):
-        raise BadArgument(f"failed: must be true or false, got {failed!r}")
-    job_ids = body.get("job_ids", [])
-    if not isinstance(job_ids, list) or not all(
-            isinstance(j, int) and not isinstance(j, bool) and j >= 1 for j in job_ids):
-        raise BadArgument(f"job_ids: must be a list of job ids, got {job_ids!r}")
-    anime_id = _int(body, "anime_id")
-    if sum((failed, bool(job_ids), anime_id is not None)) != 1:
-        raise BadArgument("give exactly one of failed: true, job_ids or anime_id")
-    return {"failed": failed, "job_ids": job_ids, "anime_id": anime_id}
-
-
-def _cancel(body: dict) -> dict:
-    _only(body, {"job_id"})
-    job_id = _int(body, "job_id")
-    if job_id is None:
-        raise BadArgument("job_id: missing (the job to cancel)")
-    return {"job_id": job_id}
-
-
-def _priority(body: dict) -> dict:
-    _only(body, {"anime_id", "job_id", "priority"})
-    anime_id, job_id = _int(body, "anime_id"), _int(body, "job_id")
-    if (anime_id is None) == (job_id is None):
-        raise BadArgument("give exactly one of anime_id or job_id")
-    value = body.get("priority")
-    if isinstance(value, str) and value in PRIORITY_NAMES:
-        priority = PRIORITY_NAMES[value]
-    elif isinstance(value, int) and not isinstance(value, bool):
-        priority = value
-    else:
-        raise BadArgument(f"priority: must be high, normal, low or a whole number, got {value!r}")
-    return {"anime_id": anime_id, "job_id": job_id, "priority": priority}
-
-
-def _bandwidth(body: dict) -> dict:
-    _only(body, {"mbps"})
-    mbps = body.get("mbps")
-    if isinstance(mbps, bool) or not isinstance(mbps, (int, float)) or mbps < 0:
-        raise BadArgument(f"mbps: must be a number of megabits per second, 0 for unlimited, "
-                          f"got {mbps!r}")
-    return {"mbps": float(mbps)}
-
-
-COMMANDS: dict[str, Callable[[dict], dict]] = {
-    "pause": _pause, "resume": _resume, "retry": _retry, "cancel": _cancel,
-    "priority": _priority, "bandwidth": _bandwidth,
-}
-
-
-def parse(command: str, body: Any) -> dict:
-    """The fields of ``control.<command>`` (without ``source``) for a request body."""
-    if body is None:
-        body = {}
-    if not isinstance(body, dict):
-        raise BadArgument("the body must be a JSON object")
-    return COMMANDS[command](body)
+    def _silent(self, seconds: float | None = None) -> str:
+        return (f"no answer from the dispatcher at {self.endpoint} within "
+                f"{self.timeout if seconds is None else seconds:g}s (is anime-downloader running?)")

@@ -201,9 +201,10 @@ class WebApp:
         except ctl.ControlsUnavailable as exc:
             return _reply(False, str(exc), "unavailable", 503)
         log.info(kv("control request", command=command, source=fields["source"],
-                    ok=reply.get("ok"), message=reply.get("message")))
+                    ok=reply.get("ok"), answer=reply.get("message")))
         error = (reply.get("result") or {}).get("error")
-        status = 200 if reply.get("ok") else 400 if error == "bad_argument" else 409
+        status = 200 if reply.get("ok") else {"bad_argument": 400, "not_found": 404,
+                                                "unavailable": 503}.get(error, 409)
         return _json(reply, status)
 
     async def _on_shutdown(self, app: web.Application) -> None:
@@ -219,15 +220,16 @@ class WebServer:
 
     def __init__(self, config: Config, controls: ctl.ControlClient | None = None) -> None:
         self.config = config
-        self.controls = controls or ctl.NoControlEndpoint()
         self.endpoint = config.zmq.status
         self.listener = listen(config)  # here, so a refusal is the one-line exit of run_service
         self.sockets = Sockets(config)
-        try:  # a remote status endpoint without CURVE keys: exit 2 now, not at each request
-            self.sockets.connect(zmq.DEALER, self.endpoint).close(linger=0)
+        try:  # a remote status or control endpoint without CURVE keys: exit 2 now
+            for endpoint in (self.endpoint, config.zmq.control):
+                self.sockets.connect(zmq.DEALER, endpoint).close(linger=0)
         except ConfigError:
             self.close()
             raise
+        self.controls = controls or ctl.ZmqControlClient(self.sockets, config.zmq.control)
 
     def close(self) -> None:
         self.sockets.close()
@@ -264,7 +266,7 @@ class WebServer:
             await web.SockSite(runner, self.listener).start()
             url = listen_url(self.listener)
             log.info(kv("listening", url=url, auth=self._auth_kind(), status_endpoint=self.endpoint,
-                        pid=os.getpid()))
+                        control_endpoint=self.config.zmq.control, pid=os.getpid()))
             if not stop.requested:
                 await stopping.wait()
             log.info(kv("stopping", signals=stop.count))

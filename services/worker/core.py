@@ -182,8 +182,11 @@ class WorkerCore:
     def _on_cancel(self, msg: JobCancel, now: float) -> None:
         if not self._mine(msg.job_id, msg.attempt):
             return
-        log.warning(kv("lease lost: discarding this attempt", why=msg.reason, **self.context))
-        self._out.append(Discard(keep_partials=True))
+        # The reason says who ended it: a lost lease, or an operator's control (cancel
+        # deletes the partial files; pause --now and a new bandwidth limit keep them).
+        log.warning(kv("lease lost: discarding this attempt", why=msg.reason,
+                       partials="kept" if msg.keep_partials else "deleted", **self.context))
+        self._out.append(Discard(keep_partials=msg.keep_partials))
         self._idle(now)
 
     def _on_ack(self, msg: JobAck, now: float) -> None:

@@ -1,5 +1,9 @@
 """The post step: verify the downloaded file, remux it to MKV, stage it for the landing.
 
+With both, one ffmpeg pass does the two (one_pass.py): the download is read once and
+its copy written once; with ``container = "keep"`` the verify pass reads it once and
+the staging is a rename.
+
 It runs in a thread, so heartbeats go on during a long check; the thread writes a
 byte to a pipe the worker's poll waits on when it is done. ``stop()`` ends it at
 once: it kills the tool that runs (a remux must not go on writing at the hard limit)
@@ -123,17 +127,18 @@ class PostStep:
 
             stopper = self.stopper
             timeout = media_tools.timeout_for(file.stat().st_size, d.verify_timeout_seconds)
+            remux_it = d.container == "mkv" and file.suffix.lower() != ".mkv"
+            if d.verify and remux_it and media_tools.find_ffmpeg() is not None:
+                return self._verify_while_remuxing(file, timeout)
             if d.verify:
                 try:
                     duration = verify.verify_video(file, timeout, stopper).duration_seconds
                 except verify.VerifyTimeout as exc:
-                    return PostResult(error=f"verify timed out: {exc} (the file is kept for the "
-                                            "retry; raise [downloader] verify_timeout_seconds "
-                                            "if the disk is slow)", timed_out=True)
+                    return _verify_timed_out(exc)
                 except verify.NotAVideo as exc:
                     file.unlink(missing_ok=True)  # a retry must not find it again
                     return PostResult(error=f"Downloaded file is not a playable video: {exc}")
-            if d.container == "mkv" and file.suffix.lower() != ".mkv":
+            if remux_it:
                 if media_tools.find_ffmpeg() is not None:
                     staged = self.private.staged_path(".mkv")
                     try:
@@ -149,11 +154,37 @@ class PostStep:
         os.rename(file, staged)
         return _staged(staged, duration)
 
+    def _verify_while_remuxing(self, file: Path, timeout: float) -> PostResult:
+        """verify and container = "mkv": one ffmpeg pass reads the download once and writes
+        its Matroska copy once (one_pass.py), judged as the verify pass would be."""
+        from services.worker import one_pass, remux, verify
+
+        staged = self.private.staged_path(".mkv")
+        try:
+            info = one_pass.verify_and_remux(file, staged, timeout, self.stopper)
+        except verify.VerifyTimeout as exc:
+            return _verify_timed_out(exc)
+        except verify.NotAVideo as exc:
+            file.unlink(missing_ok=True)  # a retry must not find it again
+            return PostResult(error=f"Downloaded file is not a playable video: {exc}")
+        except remux.RemuxError as exc:
+            return _remux_failed(exc)
+        if self.stopper is not None:
+            self.stopper.check()
+        file.unlink()
+        return _staged(staged, info.duration_seconds)
+
 
 def _staged(path: Path, duration: float | None) -> PostResult:
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())
     return PostResult(staged=path, ext=path.suffix, size=path.stat().st_size, duration=duration)
+
+
+def _verify_timed_out(exc: Exception) -> PostResult:
+    return PostResult(error=f"verify timed out: {exc} (the file is kept for the retry; raise "
+                            "[downloader] verify_timeout_seconds if the disk is slow)",
+                      timed_out=True)
 
 
 def _remux_failed(exc: RemuxError) -> PostResult:

@@ -55,13 +55,15 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from services.worker.containers import (MP4_BOXES, MP4_FORMAT, SNIFF_BYTES, NotAVideo,
                                         reject_text, structural_check)
 from services.worker.media_tools import (Stopped, Stopper, file_arg, find_ffmpeg, find_ffprobe,
                                          read_tail, run_tool)
 
-__all__ = ["NotAVideo", "Stopped", "VerifyTimeout", "VideoInfo", "verify_video"]
+__all__ = ["NotAVideo", "Sniffed", "Stopped", "VerifyTimeout", "VideoInfo", "judge", "read_scan",
+           "sniff", "verify_video"]
 
 MAX_ERROR_LINES = 10  # this many error-level lines from ffmpeg: corrupt
 _TRUNCATION_PATTERNS = (
@@ -151,44 +153,52 @@ def _scan_ffmpeg(ffmpeg: str, path: Path, timeout: float, stopper: Stopper | Non
             rc, out = run_tool(cmd, timeout, err, stopper)
         except subprocess.TimeoutExpired:
             raise VerifyTimeout(f"ffmpeg did not read the file within {timeout:.0f}s") from None
-        err.seek(0)
-        scan = _Scan(rc=rc, errors=[])
-        in_input = False
-        for raw in err:  # streamed: memory stays bounded whatever ffmpeg prints
-            line = raw.decode("utf-8", "replace").rstrip("\r\n")
-            m = _LEVEL_RE.search(line)
-            if not m:
-                continue
-            level, msg = m.groups()
-            if level in ("error", "fatal", "panic"):
-                scan.error_count += 1
-                if len(scan.errors) < 20:
-                    scan.errors.append(msg.strip())
-                continue
-            if level != "info":
-                continue
-            im = _INPUT_RE.match(msg)
-            if im:
-                scan.container = im.group(1)
-                in_input = True
-                continue
-            if msg.startswith(("Output #", "Stream mapping:")):
-                in_input = False
-                continue
-            if not in_input:
-                continue
-            dm = _DURATION_RE.match(msg)
-            if dm:
-                if dm.group(1) is not None:
-                    scan.declared = int(dm.group(1)) * 3600 + int(dm.group(2)) * 60 + float(dm.group(3))
-                continue
-            sm = _STREAM_RE.match(msg)
-            if sm:
-                kind, rest = sm.groups()
-                if kind == "Video" and "(attached pic)" not in rest:
-                    scan.has_video = True
-                elif kind == "Audio":
-                    scan.has_audio = True
+        return read_scan(rc, err, out)
+
+
+def read_scan(rc: int, err: IO[bytes], out: bytes) -> _Scan:
+    """What an ffmpeg run with ``-loglevel level+info -progress pipe:1`` says of its input:
+    container, declared duration and streams (the ``Input #0`` banner), its error lines, and
+    how far the packets went (``out_time_us``). ``err`` is its stderr file, read from the
+    start; ``out`` its stdout."""
+    err.seek(0)
+    scan = _Scan(rc=rc, errors=[])
+    in_input = False
+    for raw in err:  # streamed: memory stays bounded whatever ffmpeg prints
+        line = raw.decode("utf-8", "replace").rstrip("\r\n")
+        m = _LEVEL_RE.search(line)
+        if not m:
+            continue
+        level, msg = m.groups()
+        if level in ("error", "fatal", "panic"):
+            scan.error_count += 1
+            if len(scan.errors) < 20:
+                scan.errors.append(msg.strip())
+            continue
+        if level != "info":
+            continue
+        im = _INPUT_RE.match(msg)
+        if im:
+            scan.container = im.group(1)
+            in_input = True
+            continue
+        if msg.startswith(("Output #", "Stream mapping:")):
+            in_input = False
+            continue
+        if not in_input:
+            continue
+        dm = _DURATION_RE.match(msg)
+        if dm:
+            if dm.group(1) is not None:
+                scan.declared = int(dm.group(1)) * 3600 + int(dm.group(2)) * 60 + float(dm.group(3))
+            continue
+        sm = _STREAM_RE.match(msg)
+        if sm:
+            kind, rest = sm.groups()
+            if kind == "Video" and "(attached pic)" not in rest:
+                scan.has_video = True
+            elif kind == "Audio":
+                scan.has_audio = True
     for line in out.decode("utf-8", "replace").splitlines():
         if line.startswith("out_time_us="):
             value = line.split("=", 1)[1].strip()
@@ -223,12 +233,16 @@ def _reason_from_errors(errors: list[str], default: str, looks_mp4: bool = True)
 # --------------------------------------------------------------------------- public API
 
 
-def verify_video(path: Path, timeout_seconds: float = 120, stopper: Stopper | None = None) -> VideoInfo:
-    """Check that ``path`` is a whole video; return what was learnt or raise NotAVideo (see
-    module doc): VerifyTimeout when the tools took longer than ``timeout_seconds`` in all,
-    Stopped (not a NotAVideo) when ``stopper`` stopped them."""
-    path = Path(path)
-    deadline = time.monotonic() + timeout_seconds
+@dataclass(frozen=True)
+class Sniffed:
+    """What the tool-free checks learnt of a file (steps 1 to 3)."""
+    size: int
+    head: bytes
+    container: str | None  # from its magic, when recognised
+
+
+def sniff(path: Path) -> Sniffed:
+    """Steps 1 to 3 of the module doc: raise NotAVideo, or say what the first bytes are."""
     try:
         st = path.stat()
     except FileNotFoundError:
@@ -241,7 +255,17 @@ def verify_video(path: Path, timeout_seconds: float = 120, stopper: Stopper | No
     with open(path, "rb") as f:
         head = f.read(SNIFF_BYTES)
     reject_text(head, size)
-    magic_container = structural_check(path, head, size)
+    return Sniffed(size=size, head=head, container=structural_check(path, head, size))
+
+
+def verify_video(path: Path, timeout_seconds: float = 120, stopper: Stopper | None = None) -> VideoInfo:
+    """Check that ``path`` is a whole video; return what was learnt or raise NotAVideo (see
+    module doc): VerifyTimeout when the tools took longer than ``timeout_seconds`` in all,
+    Stopped (not a NotAVideo) when ``stopper`` stopped them."""
+    path = Path(path)
+    deadline = time.monotonic() + timeout_seconds
+    sniffed = sniff(path)
+    magic_container = sniffed.container
 
     ffprobe = find_ffprobe()
     ffmpeg = find_ffmpeg()
@@ -267,6 +291,13 @@ def verify_video(path: Path, timeout_seconds: float = 120, stopper: Stopper | No
         if magic_container is None:
             raise NotAVideo("unrecognised format and ffmpeg/ffprobe could not be run")
         return VideoInfo(duration_seconds=None, container=magic_container, has_video=True, has_audio=False)
+    return judge(sniffed, probe, scan)
+
+
+def judge(sniffed: Sniffed, probe: _Probe | None, scan: _Scan | None) -> VideoInfo:
+    """Steps 5 and 6 of the module doc, on what ffprobe and the ffmpeg pass said (one of
+    them at least): the VideoInfo, or NotAVideo saying why not."""
+    magic_container, head = sniffed.container, sniffed.head
     if scan is not None:
         if scan.rc != 0:
             raise NotAVideo(_reason_from_errors(scan.errors or [], f"ffmpeg cannot read it (exit {scan.rc})",

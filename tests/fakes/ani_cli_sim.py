@@ -132,6 +132,15 @@ Effective behaviour = ``defaults``, overridden key by key by the result's
                   the die message when the run dies).
 ``exit_code``     int, exit code instead of 0 (a crash of ani-cli itself); not
                   used when the run dies or is terminated (always 1).
+``video``         float seconds (``true``: 2): instead of counting bytes, write a
+                  real, playable MP4 clip of that length (testsrc + 440 Hz sine,
+                  320x240, H.264/AAC, ``+faststart``), so a setup with ``[downloader]
+                  verify = true`` and ``container = "mkv"`` (the defaults) accepts
+                  and remuxes it. Generated once per length by ffmpeg (PATH, else
+                  imageio-ffmpeg) into ``<state dir>/.sim-media/`` (atomic rename:
+                  concurrent runs are safe), then written like ``size`` bytes (its
+                  ``.part``, ``duration``, progress, ``enospc_after``); ``size`` is
+                  ignored. No ffmpeg: dies ``ani-cli-sim: "video" needs ffmpeg ...``.
 ``hls_url``       URL (``{episode}`` is replaced by the episode number): instead
                   of writing bytes, does what ani-cli v5 does (lines 299-302):
                   ``yt-dlp URL --no-skip-unavailable-fragments --fragment-retries
@@ -215,7 +224,7 @@ import sys
 import time
 import urllib.parse
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 VERSION = "5.0.0"
 DEFAULT_CHUNK = 64 * 1024
@@ -416,6 +425,8 @@ def log_base(argv: List[str], opts: Options, env: Dict[str, str]) -> Dict[str, A
         "download": opts.download,
         "quality": opts.quality,
         "dub": opts.dub,
+        # the worker's share of total_bandwidth_mbps, as its yt-dlp wrapper would apply it
+        "rate_limit_bps": maybe_int(env.get("ANIME_DL_RATE_LIMIT_BPS")),
     }
 
 
@@ -744,15 +755,17 @@ def sleep_forever() -> None:
 
 
 def write_chunks(fh: Any, record: Record, target: int, chunk: int,
-                 limit: Optional[int], progress: Progress) -> None:
-    """Write from ``record.bytes`` up to ``target``, flushing each chunk."""
+                 limit: Optional[int], progress: Progress,
+                 source: Callable[[int, int], bytes] = payload) -> None:
+    """Write from ``record.bytes`` up to ``target``, flushing each chunk; ``source(offset,
+    length)`` gives the bytes (counted bytes, or a real clip's: behaviour ``video``)."""
     while record.bytes < target:
         size = min(chunk, target - record.bytes)
         if limit is not None and record.bytes + size > limit:
             size = limit - record.bytes
             if size <= 0:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        fh.write(payload(record.bytes, size))
+        fh.write(source(record.bytes, size))
         fh.flush()
         record.bytes += size
         progress.show(record.bytes)
@@ -770,11 +783,51 @@ def pump(fh: Any, behaviour: Dict[str, Any], stop_at: int, record: Record,
     while True:
         fraction = 1.0 if duration <= 0 else min(1.0, (time.monotonic() - start) / duration)
         target = stop_at if fraction >= 1.0 else min(stop_at, int(size * fraction))
-        write_chunks(fh, record, target, chunk, limit, progress)
+        write_chunks(fh, record, target, chunk, limit, progress,
+                     behaviour.get("_source", payload))
         progress.show(record.bytes, force=True)
         if fraction >= 1.0 or (stop_at < size and record.bytes >= stop_at):
             return
         time.sleep(TICK)
+
+
+VIDEO_DEFAULT_SECONDS = 2.0
+
+
+def video_clip(seconds: float, env: Dict[str, str]) -> bytes:
+    """The bytes of a playable MP4 of ``seconds`` (behaviour ``video``), made once by ffmpeg."""
+    ffmpeg = find_program("ffmpeg")
+    if ffmpeg is None:
+        raise Die('ani-cli-sim: "video" needs ffmpeg (on PATH, or pip install imageio-ffmpeg)')
+    directory = os.path.join(state_dir(env), ".sim-media")
+    path = os.path.join(directory, "clip-%gs.mp4" % seconds)
+    if not os.path.isfile(path):
+        os.makedirs(directory, exist_ok=True)
+        tmp = "%s.%d.tmp.mp4" % (path, os.getpid())
+        cmd = [ffmpeg, "-nostdin", "-hide_banner", "-v", "error", "-y",
+               "-f", "lavfi", "-i", "testsrc=size=320x240:rate=25:duration=%g" % seconds,
+               "-f", "lavfi", "-i", "sine=frequency=440:sample_rate=44100:duration=%g" % seconds,
+               "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p",
+               "-c:a", "aac", "-b:a", "64k", "-movflags", "+faststart", tmp]
+        done = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE)
+        if done.returncode != 0 or not os.path.isfile(tmp):
+            raise Die("ani-cli-sim: ffmpeg could not make the video clip: %s"
+                      % done.stderr.decode("utf-8", "replace").strip()[-500:])
+        os.replace(tmp, path)  # atomic: a concurrent run sees the whole clip or none
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
+def with_video(behaviour: Dict[str, Any], env: Dict[str, str]) -> Dict[str, Any]:
+    """Behaviour ``video``: the clip's bytes replace the counted ones (``size`` = its size)."""
+    seconds = behaviour.get("video")
+    if not seconds:
+        return behaviour
+    seconds = VIDEO_DEFAULT_SECONDS if seconds is True else float(seconds)
+    clip = video_clip(seconds, env)
+    return dict(behaviour, size=len(clip),
+                _source=lambda offset, length: clip[offset:offset + length])
 
 
 def write_download(out_path: str, behaviour: Dict[str, Any], record: Record) -> None:
@@ -915,7 +968,7 @@ def download(episode: int, behaviour: Dict[str, Any], env: Dict[str, str],
     elif behaviour.get("no_file"):
         fake_failed_download(out_path, behaviour, record)
     else:
-        write_download(out_path, behaviour, record)
+        write_download(out_path, with_video(behaviour, env), record)
 
 
 def append_history(env: Dict[str, str], episode: int, ident: str, title: str) -> None:

@@ -227,7 +227,8 @@ def test_when_supervisord_cannot_start_the_launcher_shows_why(make_system) -> No
     stdout: when supervisord fails, the launcher prints its last words."""
     deep = "d" * 90  # its unix socket path gets too long for AF_UNIX (108 bytes)
     unbound = {key: f"tcp://127.0.0.1:{port}" for key, port in  # never bound: nothing starts
-               zip(("dispatcher", "status", "disk_state", "disk_control"), range(45101, 45105))}
+               zip(("dispatcher", "status", "disk_state", "disk_control", "control"),
+                   range(45101, 45106))}
     system = make_system({"data": {"root_dir": f"{deep}/data"}, "zmq": unbound})
     result = system.run("anime-downloader", "-c", str(system.config_path), timeout=30)
     assert result.returncode == 2, result

@@ -245,7 +245,8 @@ def test_two_live_workers_with_one_id_the_second_is_refused_until_the_first_is_g
         'root_dir = "data"', 'root_dir = "twin"') + "\n[zmq]\n" + "".join(
         f'{key} = "ipc://{run / name}"\n' for key, name in (
             ("dispatcher", "dispatcher.sock"), ("status", "status.sock"),
-            ("disk_state", "disk-state.sock"), ("disk_control", "disk-control.sock"))))
+            ("disk_state", "disk-state.sock"), ("disk_control", "disk-control.sock"),
+            ("control", "control.sock"))))
     system.spawn("anime-disk-watcher", "-c", cfg)
     dispatcher = system.spawn("anime-dispatcher", "-c", cfg)
     wait_for(lambda: "dispatcher started" in system.output(dispatcher), 20, "the dispatcher")

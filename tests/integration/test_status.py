@@ -146,7 +146,10 @@ def test_nothing_running_exits_1_within_the_timeout(make_system):
     result = anime_status(system, "--json")  # the default timeout: 2 s
     elapsed = time.monotonic() - started
     assert result.returncode == 1
-    assert result.stdout == ""
+    # then the queue from jobs.db, read-only (tests/integration/test_first_hour.py): none here
+    offline = json.loads(result.stdout)
+    assert offline["dispatcher"] is None and offline["queue"] is None
+    assert offline["source"]["read_only"] and "no database at" in offline["source"]["error"]
     assert result.stderr.count("\n") == 1
     assert result.stderr.startswith("anime-status: no answer from the dispatcher at ipc://")
     assert "within 2s" in result.stderr

@@ -167,6 +167,65 @@ def test_the_page_follows_a_running_download_and_a_dispatcher_that_stops(make_sy
     assert js(browser, "return window.__sameDocument === true"), "the page reloaded"
 
 
+def click(driver, selector: str) -> str:
+    """Click the button ``selector`` and wait for the answer it shows; that answer."""
+    js(driver, "const r = document.getElementById('ctl-result'); r.textContent = '';"
+               "delete r.dataset.ok; document.querySelector(arguments[0]).click()", selector)
+    return wait_for(lambda: js(driver, "const r = document.getElementById('ctl-result');"
+                                       "return r.dataset.ok && r.textContent"), 15,
+                    f"the answer to the click on {selector}")
+
+
+def test_the_buttons_pause_retry_cancel_and_resume(make_system, browser, tmp_path):
+    system = make_system()
+    broken = {"title": "Broken Show", "episodes": 12,
+              "episode_behaviour": {"1": {"fail": "Episode is released, but no valid sources!"}}}
+    catalog = {"defaults": {"size": 3_000_000, "duration": 0.2}, "anime": [
+        {"query": "Broken Show", "results": [broken]},
+        {"query": TITLE, "results": [{"title": TITLE, "episodes": 12, "behaviour": {"duration": 30.0}}]}]}
+    system.write_catalog(catalog)
+    system.enqueue(5151, "Broken Show", [1], selected_index=1, max_retries=0)  # job 1: fails
+    system.enqueue(MAL_ID, TITLE, [1], selected_index=1)  # job 2: downloads slowly
+    system.start_supervisord(1)
+    browser.get(web_url(system))
+    wait_for(lambda: js(browser, "return !!document.querySelector('#failure-list [data-retry-job=\"1\"]')"
+                                 " && !!document.querySelector('#worker-list [data-cancel-job=\"2\"]')"),
+             30, "the page to show the failure and the running download with their buttons")
+
+    answer = click(browser, "[data-ctl=pause]")
+    assert answer == "paused until resumed; 1 running download finish", answer
+    status = wait_for(lambda: (s := status_of(system)) and s["pause"]["paused"] and s, 10,
+                      "anime-status to show the operator's pause")
+    assert status["pause"]["by"].startswith("anime-web")
+    wait_for(lambda: header(browser)["state"] == "paused_operator", 10,
+             "the header to say paused by the operator")
+
+    broken["episode_behaviour"] = {}  # the site has the episode now
+    system.write_catalog(catalog)
+    assert click(browser, "#failure-list [data-retry-job='1']") == "1 failed job back in the queue"
+    assert system.query("SELECT stage, retry_count FROM jobs WHERE id = 1") == [("queued", 0)]
+    answer = click(browser, "#worker-list [data-cancel-job='2']")
+    assert answer.startswith("cancelled job 2 (Slow Show ep 1)"), answer
+    assert system.query("SELECT stage FROM jobs WHERE id = 2") == [("cancelled",)]
+    screenshot(browser, tmp_path / "web-controls-360px.png", PHONE[0])
+    viewport(browser, *DESKTOP)
+
+    assert click(browser, "[data-ctl=resume]") == "resumed (the disk budget still applies)"
+    wait_for(lambda: system.stages() == {"downloaded": 1, "cancelled": 1}, 30,
+             "the retried job to land once resumed")
+    js(browser, "document.getElementById('bandwidth-mbps').value = '-2'")
+    answer = click(browser, "[data-ctl=bandwidth]")
+    assert answer.startswith("bandwidth: mbps: must be a number"), answer
+    assert js(browser, "return document.getElementById('ctl-result').dataset.ok") == "false"
+
+
+def status_of(system: System) -> dict | None:
+    import json
+
+    result = system.run("anime-status", "-c", str(system.config_path), "--json", timeout=20)
+    return json.loads(result.stdout) if result.returncode == 0 else None
+
+
 # --- a scripted dispatcher ------------------------------------------------------------
 
 class ScriptedDispatcher(threading.Thread):
@@ -293,12 +352,13 @@ def test_the_page_renders_what_the_document_says_and_only_as_text(make_system, b
                 screenshot(browser, tmp_path / "web-storage-unavailable-360px.png", PHONE[0])
         assert js(browser, "return window.__sameDocument === true"), "the page reloaded"
 
-        # The page's own machinery for the buttons to come: its token passes the CSRF
-        # check, and the control route answers that controls are not there yet.
+        # The page's own machinery for the buttons: its token passes the CSRF check, and
+        # the control route says that nothing answers on the control endpoint (this
+        # scripted dispatcher serves the status only).
         result = browser.execute_async_script(
             "const done = arguments[arguments.length - 1];"
             "window.animeWeb.postControl('pause', {}).then(done, e => done(String(e)));")
-        assert result == {"status": 503, "reply": {"ok": False, "message": "controls not available yet",
-                                                   "result": {"error": "unavailable"}}}, result
+        assert result["status"] == 503 and result["reply"]["result"] == {"error": "unavailable"}, result
+        assert result["reply"]["message"].startswith("no answer from the dispatcher at ipc://")
     finally:
         fake.stop()

@@ -257,3 +257,40 @@ def test_an_mkv_job_is_reserved_at_its_peak_of_two_copies() -> None:
     assert adm.refusal(0.0, anime_id=1) == BUDGET
     adm.written(0, 3 * EXPECTED)  # a remux copy bigger than expected: counted as written
     assert adm.reserved_bytes() == 4 * 2 * EXPECTED + 3 * EXPECTED
+
+
+# --- what the status says, and a dry run ------------------------------------------
+
+
+def test_the_status_names_the_figures_of_a_budget_refusal(adm: Admission) -> None:
+    """Not "in-flight reservations" while nothing is reserved: the usage, the expected
+    size and the threshold they would pass."""
+    adm.on_disk_state(msg(usage=950 * KB, measured_at=10.0), now=10.0)
+    assert adm.refusal(10.0) == BUDGET  # the same words while it holds: logged once
+    assert adm.explain(10.0) == ("usage 950.0 KB + expected 100.0 KB would pass "
+                                 "pause_threshold_gb 1.0 MB")
+    adm.on_disk_state(msg(usage=750 * KB, measured_at=11.0, seq=2), now=11.0)
+    adm.reserve(1, anime_id=5)  # nothing written yet: 100 kB reserved beyond the usage
+    adm.reserve(2, anime_id=5)
+    assert adm.explain(11.0) == ("usage 750.0 KB + 200.0 KB reserved for running downloads + "
+                                 "expected 100.0 KB would pass pause_threshold_gb 1.0 MB")
+
+
+def test_the_status_names_the_figures_of_a_free_space_refusal() -> None:
+    adm = Admission(disk_config(min_free=500 * KB), peak_factor=2.0)
+    adm.on_disk_state(msg(free=600 * KB, measured_at=10.0), now=10.0)
+    assert adm.explain(10.0) == ("free 600.0 KB - expected 200.0 KB (2 x 100.0 KB: the download "
+                                 "and its MKV remux) would fall below min_free_gb 500.0 KB")
+
+
+def test_a_dry_run_is_never_refused_by_the_disk() -> None:
+    """It downloads nothing: a budget near the pause threshold, a paused disk or no disk
+    state at all must not leave its workers waiting (and --exit-when-done never exiting)."""
+    dry = Admission(disk_config(), dry_run=True)
+    assert dry.refusal(0.0) is None
+    dry.on_disk_state(msg(usage=990 * KB, measured_at=10.0), now=10.0)
+    for job_id in range(20):
+        dry.reserve(job_id, anime_id=1)
+    assert dry.refusal(10.0) is None and dry.explain(10.0) is None
+    dry.on_disk_state(msg(usage=1_200 * KB, state="paused", measured_at=11.0, seq=2), now=11.0)
+    assert dry.refusal(11.0) is None

@@ -392,3 +392,18 @@ def test_hls_url_runs_ytdlp_then_ffmpeg(sim: Sim) -> None:
     assert Path(out).read_bytes() == b"x"
     end = sim.events("end")[0]
     assert (end["outcome"], end["bytes"], end["path"]) == ("ok", 1, out)
+
+
+def test_video_writes_a_clip_that_verification_accepts(sim: Sim) -> None:
+    """Behaviour ``video`` (the README's recipe with verify and remux on): a real MP4,
+    not counted bytes, that the worker's own verification accepts as 2 s of video."""
+    from services.worker.verify import verify_video
+
+    sim.catalog([{"title": FMA_SITE, "episodes": 3, "behaviour": {"video": 2}}])
+    res = sim.run("-S", "1", "-e", "2", FMA_QUERY, timeout=60,
+                  ANI_CLI_SIM_STATE=str(sim.root / "state"))
+    assert res.returncode == 0, res.stderr
+    info = verify_video(sim.dl / ("%s Episode 2.mp4" % FMA_SITE))
+    assert info.has_video and info.has_audio
+    assert abs(info.duration_seconds - 2.0) < 0.2
+    assert [p.name for p in (sim.root / "state" / ".sim-media").iterdir()] == ["clip-2s.mp4"]

@@ -23,7 +23,7 @@ from services.worker.attempt import Attempt
 from services.worker.core import WorkerCore
 from shared.config import load_config
 from shared.protocol import REASON_NO_SPACE, REASON_TIMEOUT, DiskStateMsg, JobAssign
-from tests.system import render_toml, wait_for
+from tests.system import mount_tmpfs, render_toml, unmount, wait_for
 
 SLOW_TOOL = """#!/bin/sh
 echo $$ >> "$FAKE_TOOL_PIDS"
@@ -111,8 +111,10 @@ def download(a: Attempt, data: bytes = b"\0" * 1000, name: str = "Show Episode 3
     return file
 
 
-def test_a_verify_time_out_keeps_the_file_and_is_a_time_out(tmp_path: Path, slow_tools: Path) -> None:
-    a = make_attempt(tmp_path, verify=True, container="keep", verify_timeout_seconds=0.5)
+@pytest.mark.parametrize("container", ["keep", "mkv"])
+def test_a_verify_time_out_keeps_the_file_and_is_a_time_out(tmp_path: Path, slow_tools: Path,
+                                                            container: str) -> None:
+    a = make_attempt(tmp_path, verify=True, container=container, verify_timeout_seconds=0.5)
     file = download(a)
     core = core_for(a)
     started = time.monotonic()
@@ -121,6 +123,7 @@ def test_a_verify_time_out_keeps_the_file_and_is_a_time_out(tmp_path: Path, slow
     assert time.monotonic() - started < 5
     assert post.timed_out and not post.no_space and "verify timed out" in post.error, post
     assert file.exists(), "a time-out is no proof of a bad file: the retry needs it"
+    assert list(a.private_dir.glob("ready-a*")) == [], "the partial copy is left behind"
     assert not any(running(pid) for pid in started_pids(slow_tools)), "the slow tool outlived it"
     # and the worker reports it as a time-out (a counted retry that keeps the file)
     calls = reasons(core.post_done(post, time.monotonic()))
@@ -160,28 +163,28 @@ def test_stop_post_before_a_tool_starts_stops_it_too(tmp_path: Path, slow_tools:
 def small_tmpfs(tmp_path: Path):
     disk = tmp_path / "disk"
     disk.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
+    mount_tmpfs(disk, "1m")
     yield disk
-    subprocess.run(["umount", "-l", str(disk)], check=False)
+    unmount(disk)
 
 
 @pytest.mark.skipif(video.find_ffmpeg() is None, reason="needs ffmpeg (PATH or imageio-ffmpeg)")
-def test_a_remux_that_runs_out_of_space_is_lack_of_space(tmp_path: Path, small_tmpfs: Path) -> None:
+@pytest.mark.parametrize("verify", [False, True], ids=["remux", "verify-while-remuxing"])
+def test_a_remux_that_runs_out_of_space_is_lack_of_space(tmp_path: Path, small_tmpfs: Path,
+                                                         verify: bool) -> None:
     source = tmp_path / "src.mp4"  # ~650 kB of real video: its copy does not fit in 1 MiB
     subprocess.run([video.find_ffmpeg(), "-nostdin", "-v", "error", "-f", "lavfi", "-i",
                     "testsrc=size=320x240:rate=25:duration=8", "-c:v", "libx264", "-preset",
                     "ultrafast", "-b:v", "1700k", str(source)], check=True, timeout=60)
     assert 550_000 < source.stat().st_size < 1_000_000, source.stat().st_size
-    a = make_attempt(tmp_path, verify=False, container="mkv")
+    a = make_attempt(tmp_path, verify=verify, container="mkv")
     file = download(a, source.read_bytes())
     core = core_for(a)
     a.start_post(file.name)
     post = post_result(a, 30)
     assert post.no_space and "No space left on device" in post.error, post
     assert list(a.private_dir.glob("ready-a*")) == [], "the partial copy is left behind"
+    assert file.exists(), "a full disk says nothing against the download"
     calls = reasons(core.post_done(post, time.monotonic()))
     assert calls == [REASON_NO_SPACE]
     a.release()
@@ -224,9 +227,10 @@ def disk_state(state: str, reason: str = "") -> DiskStateMsg:
     return DiskStateMsg(**fields, **({"reason": reason} if reason else {}))
 
 
+@pytest.mark.parametrize("verify", [False, True], ids=["remux", "verify-while-remuxing"])
 def test_a_remux_at_the_hard_limit_is_aborted_and_its_files_freed(tmp_path: Path, slow_tools: Path,
-                                                                   worker) -> None:
-    a = make_attempt(tmp_path, verify=False, container="mkv", verify_timeout_seconds=60)
+                                                                   worker, verify: bool) -> None:
+    a = make_attempt(tmp_path, verify=verify, container="mkv", verify_timeout_seconds=60)
     file = download(a)
     w = worker(a)
     a.start_post(file.name)

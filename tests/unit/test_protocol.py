@@ -21,7 +21,7 @@ from shared.protocol import MAX_MESSAGE_BYTES, ProtocolError, decode, encode
 SAMPLES: dict[Any, Any] = {int: 7, str: "x ü $(rm) 'q'", float: 1.5, bool: True,
                            dict[str, Any]: {"a": 1, "nested": {"b": [1, 2]}},
                            dict[str, int]: {"videos": 3, "other": 0},
-                           list[str]: ["ani-cli", "-S", "1"]}
+                           list[str]: ["ani-cli", "-S", "1"], list[int]: [3, 12]}
 
 
 def kinds_of(annotation: Any) -> tuple[Any, ...]:

@@ -6,6 +6,7 @@ request, and a rendering that fits 80 columns.
 from __future__ import annotations
 
 import random
+import sqlite3
 import time
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from tests.system import render_toml
 GB = 1000**3
 NOW = 1_800_000_000.0
 
-# The documented shape (README.md ("Seeing what it is doing")): these keys are stable.
+# The documented shape (docs/status-json.md): these keys are stable.
 QUEUE_KEYS = {"queued", "downloading", "downloaded", "failed", "waiting_for_selection",
               "backing_off", "next_retry_at"}
 WORKER_KEYS = {"id", "state", "job"}
@@ -44,7 +45,11 @@ def sample(title: str = "Fullmetal Alchemist: Brotherhood") -> dict:
         "dispatcher": {"pid": 1, "dry_run": False, "anime_id": None, "stopping": False},
         "queue": {"queued": 120, "downloading": 2, "downloaded": 4031, "failed": 7,
                   "waiting_for_selection": 3, "backing_off": 2, "next_retry_at": NOW + 300,
-                  "other_stages": {"transcribed": 900}, "counted_at": NOW - 1},
+                  "backoff_reasons": [{"reason": "ani-cli returned non-zero exit code: 1: "
+                                                 "Episode not released!",
+                                       "count": 2, "next_retry_at": NOW + 300}],
+                  "other_stages": {"transcribed": 900}, "counted_at": NOW - 1,
+                  "cancelled": 0, "priorities": []},
         "workers": [
             {"id": "w01", "host": "h", "state": "downloading", "last_seen_seconds": 0.4, "job": job},
             {"id": "w02", "host": "h", "state": "verifying", "last_seen_seconds": 0.1,
@@ -73,6 +78,9 @@ def sample(title: str = "Fullmetal Alchemist: Brotherhood") -> dict:
              "selected_title": "Fate/Zero", "site_title": "Fate/Zero Season 2", "at": NOW - 30},
         ],
         "database": {"busy_since": None, "error": None, "pending_writes": 0},
+        "pause": {"paused": False, "at": None, "until": None, "by": None, "interrupted": False},
+        "bandwidth": {"total_mbps": 0.0, "configured_mbps": 0.0, "changed": False,
+                      "per_download_bps": 0},
     }
 
 
@@ -235,14 +243,14 @@ def test_the_document_has_the_documented_shape_and_worker_states(dispatcher: Dis
 
     s = served(d, t + 2)
     assert QUEUE_KEYS <= set(s["queue"]) and DISK_KEYS <= set(s["disk"])
-    # Exactly the keys of the example in README.md ("Seeing what it is doing") (sample() mirrors
+    # Exactly the keys of the example in docs/status-json.md (sample() mirrors
     # it), and "database" (README, "The database contract").
     doc = sample()
     # ... and the keys of docs/failures.md (failures that know what they are)
     doc["queue"].update(waiting_for_release=0, next_recheck_at=None)
     doc.update(failure_classes={}, selection_review=[])
     assert set(s) == set(doc)
-    for part in ("dispatcher", "queue", "disk", "last_hour", "database"):
+    for part in ("dispatcher", "queue", "disk", "last_hour", "database", "pause", "bandwidth"):
         assert set(s[part]) == set(doc[part]), part
     assert {k for w in s["workers"] for k in w} == set(doc["workers"][0])
     assert {k for w in s["workers"] for k in w["job"]} == set(doc["workers"][0]["job"])
@@ -297,3 +305,75 @@ def test_a_busy_database_shows_as_one_line_under_the_header() -> None:
     assert lines[1] == f"database busy since {time.strftime('%H:%M:%S', time.localtime(NOW - 5))} (2 writes waiting)"
     assert "database is locked" in lines[2]
     assert max(len(line) for line in lines) <= 80
+
+
+# --------------------------------------------------------------------------- issue 20
+
+
+def test_the_text_says_why_jobs_back_off() -> None:
+    lines = render_text(sample()).splitlines()
+    at = time.strftime("%H:%M:%S", time.localtime(NOW + 300))
+    i = next(i for i, line in enumerate(lines) if "backing off:" in line)
+    assert lines[i] == " " * 11 + "backing off: 2 x ani-cli returned non-zero exit code: 1: Episode not"
+    assert lines[i + 1] == " " * 13 + f"released! (next retry {at})"
+    assert max(len(line) for line in lines) <= 80
+
+
+def fail(d: Dispatcher, ident: bytes, worker: str, job_id: int, error: str, now: float) -> None:
+    d.handle(ident, JobFailed(worker_id=worker, session="s", job_id=job_id, attempt=1,
+                              reason="error", error=error), now)
+
+
+def test_backoff_reasons_and_the_next_retry_once_one_backoff_ran_out(dispatcher: Dispatcher) -> None:
+    """Each backing-off job's last error, grouped; when the soonest backoff has run out
+    (its job not handed out again yet: no idle worker), the next one is still shown."""
+    d, t = dispatcher, NOW
+    A, B = b"w01/s", b"w02/s"
+    d.on_disk_state(disk("running", t, 1), t)
+    out = d.handle(A, WorkerReady(worker_id="w01", session="s", seq=0), t)
+    out += d.handle(B, WorkerReady(worker_id="w02", session="s", seq=0), t)
+    jobs = {ident: msg.job_id for ident, msg in out}
+    moov = ("Downloaded file is not a playable video: incomplete MP4: moov atom not found "
+            "(the download or remux did not finish)")
+    fail(d, A, "w01", jobs[A], moov, t + 1)
+    # (not "Episode not released!": that one waits for a re-check, docs/failures.md)
+    fail(d, B, "w02", jobs[B], "ani-cli returned non-zero exit code: 1\nlast lines\nNo sources found for sub!",
+         t + 40)  # backoffs of 60 s +-25 %: A's ends in t+46..76, B's in t+85..115
+    d.tick(t + 42)
+    q = served(d, t + 42)["queue"]
+    assert q["backing_off"] == 2
+    first, second = sorted(q["backoff_reasons"], key=lambda r: r["next_retry_at"])
+    assert (first["reason"], first["count"]) == (moov, 1)
+    assert (second["reason"], second["count"]) == ("ani-cli returned non-zero exit code: 1: "
+                                                   "No sources found for sub!", 1)
+    assert q["next_retry_at"] == first["next_retry_at"]
+    later = first["next_retry_at"] + 2  # job A's backoff ran out; no worker asks for it
+    d.tick(later)
+    q = served(d, later)["queue"]
+    assert q["backing_off"] == 1 and q["next_retry_at"] == second["next_retry_at"]
+    assert [r["reason"] for r in q["backoff_reasons"]] == [second["reason"]]
+
+
+def test_last_hour_counts_the_databases_finish_times_from_before_the_start(tmp_path: Path) -> None:
+    """A restarted dispatcher shows what an earlier run downloaded in the last hour."""
+    path = tmp_path / "config.toml"
+    path.write_text(render_toml({"data": {"root_dir": "data", "storage_dir": "storage"},
+                                 "disk_management": {"hard_limit_gb": 10, "pause_threshold_gb": 9,
+                                                     "resume_threshold_gb": 8}}))
+    config = load_config(path)
+    enqueue(config.db_path, 5114, "Show", [1, 2, 3, 4], 3, (1, "Show", "high"))
+    first = Dispatcher(SqlJobStore(config.db_path), FileEffects(config), config)
+    first.start(NOW - 7200)  # adds the dispatcher's columns
+    first.store.close()
+    conn = sqlite3.connect(config.db_path)
+    for episode, finished in [(1, NOW - 4000), (2, NOW - 1800), (3, NOW - 60)]:
+        conn.execute("UPDATE jobs SET stage = 'downloaded', video_path = ?, video_size_bytes = ?, "
+                     "finished_at = ? WHERE episode = ?", (f"/s/ep{episode}.mkv", 1000 * episode,
+                                                          finished, episode))
+    conn.execute("UPDATE jobs SET stage = 'transcribed' WHERE episode = 2")  # moved on since
+    conn.commit()
+    conn.close()
+    d = Dispatcher(SqlJobStore(config.db_path), FileEffects(config), config)
+    d.start(NOW)
+    assert served(d, NOW)["last_hour"] == {"downloaded": 2, "bytes": 5000, "average_size_bytes": 2500}
+    assert served(d, NOW + 1801)["last_hour"]["downloaded"] == 1  # the window moves on

@@ -15,6 +15,7 @@ import pytest
 
 from shared import storage
 from shared.storage import MARKER_NAME, RECORD_NAME, StorageError, StorageWatch, identify
+from tests.system import mount_tmpfs, unmount
 
 
 @pytest.fixture
@@ -29,12 +30,9 @@ def tmpfs(tmp_path: Path):
     """A real mount point: a 1 MB tmpfs at tmp_path/mnt, unmounted afterwards."""
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
+    mount_tmpfs(mnt, "1m")
     yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
+    unmount(mnt)
 
 
 def test_first_start_writes_a_marker_and_a_record_and_then_knows_it(dirs) -> None:

@@ -114,7 +114,9 @@
       el("span", {}, bytes(job.bytes)),
       el("span", {}, job.speed_bps ? `${bytes(job.speed_bps)}/s` : "-"),
       el("span", {}, `ETA ${duration(job.eta_seconds)}`),
-      el("span", {}, `job ${job.id}, running ${duration(job.running_seconds)}`));
+      el("span", {}, `job ${job.id}, running ${duration(job.running_seconds)}`),
+      el("button", {type: "button", class: "small", dataset: {cancelJob: job.id},
+                    disabled: !session.controls}, "cancel"));
     return el("li", {dataset: {worker: w.id, state: w.state, job: job.id,
                                percent: pct === null ? "" : pct}}, head, bar, figures);
   }
@@ -169,16 +171,37 @@
     renderByAnime(queue.by_anime);
   }
 
+  // The queue by anime: the dispatcher's `queue.by_anime` rows (the anime with work left or
+  // failures, busiest first), each with its buttons: retry its failed jobs, raise or lower
+  // its priority one step (high 10, normal 0, low -10).
+  const BY_ANIME_COLUMNS = [["queued", "queued"], ["downloading", "downloading"],
+    ["downloaded", "downloaded"], ["failed", "failed"], ["waiting_release", "waiting for a release"]];
+
+  function priorityName(p) {
+    return p === 10 ? "high" : p === 0 ? "normal" : p === -10 ? "low" : String(p);
+  }
+
   function renderByAnime(rows) {
-    // Not in the status document yet: shown as soon as the dispatcher sends it.
     if (!Array.isArray(rows) || !rows.length) { fill($("by-anime")); return; }
-    const columns = [...new Set(rows.flatMap((r) => Object.keys(r)))].filter((k) =>
-      !["anime_id", "anime_title"].includes(k));
-    const head = el("tr", {}, el("th", {}, "anime"), columns.map((k) => el("th", {}, k.replaceAll("_", " "))));
-    const body = rows.map((r) => el("tr", {dataset: {anime: r.anime_id}},
-      el("td", {}, r.anime_title || `MAL ${r.anime_id}`),
-      columns.map((k) => el("td", {}, r[k] === null || r[k] === undefined ? "" :
-                                      typeof r[k] === "object" ? JSON.stringify(r[k]) : r[k]))));
+    const head = el("tr", {}, el("th", {}, "anime"),
+      BY_ANIME_COLUMNS.map(([, label]) => el("th", {}, label)), el("th", {}, "priority"), el("th", {}, ""));
+    const body = rows.map((r) => {
+      const priority = Number(r.priority || 0);
+      return el("tr", {dataset: {anime: r.anime_id}},
+        el("td", {}, r.anime_title || `MAL ${r.anime_id}`),
+        BY_ANIME_COLUMNS.map(([k]) => el("td", {}, String(r[k] || 0))),
+        el("td", {}, priorityName(priority)),
+        el("td", {class: "row-buttons"},
+          el("button", {type: "button", class: "small", title: "raise its priority",
+                        dataset: {priorityAnime: r.anime_id, priorityTo: priority + 10},
+                        disabled: !session.controls}, "▲"),
+          el("button", {type: "button", class: "small", title: "lower its priority",
+                        dataset: {priorityAnime: r.anime_id, priorityTo: priority - 10},
+                        disabled: !session.controls}, "▼"),
+          r.failed ? el("button", {type: "button", class: "small",
+                                   dataset: {retryAnime: r.anime_id},
+                                   disabled: !session.controls}, "retry failed") : null));
+    });
     fill($("by-anime"), el("div", {class: "table-scroll"},
       el("table", {}, el("thead", {}, head), el("tbody", {}, body))));
   }
@@ -193,6 +216,8 @@
         el("div", {class: "f-head"}, `${f.anime_title || "?"} ep ${f.episode}`,
            el("span", {class: "muted"}, ` · job ${f.id}${f.at ? " · " + clock(f.at) : ""}`)),
         el("div", {class: "f-first"}, lines[0]),
+        el("button", {type: "button", class: "small", dataset: {retryJob: f.id},
+                      disabled: !session.controls}, "retry"),
         lines.length > 1 ? el("pre", {}, lines.slice(1).join("\n")) : null);
     }));
   }
@@ -251,6 +276,7 @@
       session.csrfToken = hello.csrf_token;
       session.heartbeat = hello.heartbeat_seconds;
       session.controls = hello.controls;
+      for (const b of document.querySelectorAll("button")) b.disabled = !session.controls;
     });
     source.addEventListener("update", (e) => render(JSON.parse(e.data)));
     source.onerror = () => {
@@ -272,6 +298,43 @@
     try { reply = await response.json(); } catch (err) { reply = {ok: false, message: response.statusText}; }
     return {status: response.status, reply};
   }
+
+  // --- the buttons: each posts one control and shows the dispatcher's answer --------------
+  const REQUESTS = {
+    "pause": () => ["pause", {}],
+    "pause-for": () => ["pause", {for: $("pause-for").value}],
+    "pause-now": () => ["pause", {now: true}],
+    "resume": () => ["resume", {}],
+    "bandwidth": () => ["bandwidth", {mbps: Number($("bandwidth-mbps").value || "NaN")}],
+    "priority": () => ["priority", {anime_id: Number($("priority-anime").value || "NaN"),
+                                    priority: $("priority-value").value}],
+  };
+
+  async function act(command, body) {
+    const result = $("ctl-result");
+    result.textContent = `${command}…`;
+    delete result.dataset.ok;
+    try {
+      const {reply} = await postControl(command, body);
+      result.dataset.ok = reply.ok ? "true" : "false";
+      result.textContent = reply.ok ? reply.message : `${command}: ${reply.message || reply.error}`;
+    } catch (err) {
+      result.dataset.ok = "false";
+      result.textContent = `${command}: ${err}`;
+    }
+  }
+
+  document.addEventListener("click", (e) => {
+    const button = e.target.closest("button");
+    if (!button || button.disabled) return;
+    const d = button.dataset;
+    if (d.ctl in REQUESTS) act(...REQUESTS[d.ctl]());
+    else if (d.cancelJob) act("cancel", {job_id: Number(d.cancelJob)});
+    else if (d.retryJob) act("retry", {job_ids: [Number(d.retryJob)]});
+    else if (d.retryAnime) act("retry", {anime_id: Number(d.retryAnime)});
+    else if (d.priorityAnime) act("priority", {anime_id: Number(d.priorityAnime),
+                                               priority: Number(d.priorityTo)});
+  });
 
   window.animeWeb = {postControl, session, get lastUpdate() { return lastUpdate; }};
   connect();
