@@ -504,6 +504,8 @@ class SqlJobStore:
             self.db.execute_sql(
                 "UPDATE jobs SET stage = ?, retry_count = 0, error_message = NULL, "
                 "next_attempt_at = NULL, finished_at = NULL, lease_owner = NULL, "
+                # a wait for the episode's release starts afresh (docs/failures.md)
+                "unreleased_since = NULL, failure_class = NULL, "
                 f"lease_deadline = NULL WHERE stage = ? AND {where}",
                 [STAGE_QUEUED, STAGE_FAILED, *params])
             hurried = [row[0] for row in self.db.execute_sql(

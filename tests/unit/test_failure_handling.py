@@ -286,3 +286,27 @@ def test_release_waits_and_backoffs_are_counted_apart_whichever_comes_first(
     assert queue["next_recheck_at"] == pytest.approx(37.0)
     assert queue["next_retry_at"] == pytest.approx(backoff)  # not the sooner re-check
     r.d.store.close()
+
+
+def test_an_operator_retry_of_a_never_released_episode_waits_afresh(tmp_path: Path) -> None:
+    """anime-ctl retry --failed: the wait for the release starts again from the retry, it
+    does not fail at once for the days waited before."""
+    from shared.protocol import ControlRetry
+
+    r = Rig(tmp_path, recheck_unreleased_hours=1, max_unreleased_days=0.1)  # 2.4 h
+    r.enqueue(1, [5])
+    now = 0.0
+    while r.row(1)["stage"] != "failed":
+        for job in assigns(r.tick(now) + r.ready(A, now), A):
+            fail(r, A, job, NOT_LISTED, now + 1, NOT_RELEASED)
+        now += HOUR / 2
+    assert r.row(1)["failure_class"] == NOT_RELEASED
+    reply, _ = r.d.control(ControlRetry(source="anime-ctl", failed=True), now)
+    assert reply.ok
+    row = r.row(1)
+    assert (row["stage"], row["unreleased_since"], row["failure_class"]) == ("queued", None, None)
+    job = only_assign(r.tick(now + 1) + r.ready(A, now + 1), A)
+    fail(r, A, job, NOT_LISTED, now + 2, NOT_RELEASED)
+    row = r.row(1)
+    assert (row["stage"], row["retry_count"], row["unreleased_since"]) == ("queued", 0, now + 2)
+    r.d.store.close()
