@@ -87,10 +87,11 @@ def _queue(q: dict, now: float | None) -> list[str]:
                              f"{q.get('downloaded', 0)} downloaded, {q.get('failed', 0)} failed"
                              f"{cancelled}")]
     waiting, backing = q.get("waiting_for_selection", 0), q.get("backing_off", 0)
-    if waiting or backing:
+    unreleased = q.get("waiting_for_release") or 0
+    if waiting or backing or unreleased:
         retry = f" (next retry {clock(q['next_retry_at'], now)})" if q.get("next_retry_at") else ""
-        lines += _packed([f"{waiting} wait for a selection", f"{backing} back off{retry}"],
-                         "of which ")
+        lines += _packed([f"{waiting} wait for a selection", f"{backing} back off{retry}"]
+                         + _release_wait(q, now), "of which ")
     lines += _backoff_reasons(q.get("backoff_reasons") or [], now)
     if q.get("other_stages"):
         lines += _packed([f"{k} {v}" for k, v in sorted(q["other_stages"].items())], "other stages: ")
@@ -131,6 +132,47 @@ def _backoff_reasons(reasons: list[dict], now: float | None) -> list[str]:
         lines += [_more(part) for part in textwrap.wrap(
             f"backing off: {r.get('count', 0)} x {r.get('reason') or '?'}{retry}",
             WIDTH - LABEL, subsequent_indent="  ")]
+    return lines
+
+
+# --- failures that know what they are (docs/failures.md) --------------------------
+
+CLASS_WORDS = {"not_released": "not released", "selection": "selection",
+               "transient": "transient", "cloudflare": "Cloudflare", "other": "other"}
+
+
+def _release_wait(q: dict, now: float | None) -> list[str]:
+    n = q.get("waiting_for_release") or 0
+    if not n:
+        return []
+    recheck = f" (next re-check {clock(q['next_recheck_at'], now)})" if q.get("next_recheck_at") else ""
+    return [f"{n} wait{'s' if n == 1 else ''} for a release{recheck}"]
+
+
+def _failure_classes(status: dict, now: float | None) -> list[str]:
+    """Failed attempts of the last hour by class, the hosts held after a Cloudflare block,
+    the anime whose selection needs a review."""
+    classes = status.get("failure_classes") or {}
+    lines = []
+    counts = [(CLASS_WORDS.get(k, k), n) for k, n in (classes.get("last_hour") or {}).items() if n]
+    if counts:
+        lines.append(_label("classes", "failed attempts in the last hour:"))
+        lines += _packed([f"{n} {word}" for word, n in counts])
+    for hold in classes.get("cloudflare_holds") or []:
+        host = hold.get("host") or "(no host name)"
+        lines.append(_label("held", f"host {host}: Cloudflare block, no start before "
+                                    f"{clock(hold.get('until'), now)}"))
+    review = status.get("selection_review") or []
+    if review:
+        lines.append(_label("review", "needs a selection review (search or -S found nothing):"))
+    for r in review:
+        n = r.get("failed", 0)
+        tail = f" (MAL ID {r.get('anime_id')}, {n} failed job{'s' if n != 1 else ''})"
+        title = str(r.get("anime_title") or "?")
+        room = WIDTH - LABEL - 2 - len(tail)
+        if len(title) > room:
+            title = title[: max(room - 3, 8)] + "..."
+        lines.append(_more("  " + title + tail))
     return lines
 
 
@@ -245,6 +287,7 @@ def render_text(status: dict) -> str:
     lines.append(_label("last hour", f"{hour.get('downloaded', 0)} episodes downloaded, average "
                                      f"{human_bytes(hour.get('average_size_bytes'))}"))
     lines += _failures(status.get("recent_failures") or [], now)
+    lines += _failure_classes(status, now)
     lines += _mismatches(status.get("title_mismatches") or [], now)
     return "\n".join(clip(line) for line in lines)
 

@@ -101,6 +101,15 @@ class DownloaderConfig(Section):
     # Checking (and remuxing) a file may take this long per GB, never less: a time-out is
     # no proof of a bad file (a slow NFS mount), so it is a retry that keeps the file.
     verify_timeout_seconds: Positive = 120.0
+    # Failures that know what they are (docs/failures.md). An episode the site does not
+    # list yet is looked for again this often, without using up a retry (float hours:
+    # 0.5 is 30 minutes) ...
+    recheck_unreleased_hours: Positive = 6.0
+    # ... for at most this many days after its first "not released"; then it fails.
+    max_unreleased_days: NonNegative = 30.0
+    # A "Blocked by cloudflare." holds back new starts on that worker's host this long
+    # (doubling while blocks repeat, at most 8 times as long); the job waits as long.
+    cloudflare_pause_seconds: NonNegative = 900.0
 
 
 class QueueConfig(Section):

@@ -48,6 +48,9 @@ ADDED_COLUMNS = {
     "started_at": "REAL",
     "finished_at": "REAL",
     "video_duration_seconds": "REAL",
+    # Failures that know what they are (shared/failures.py, docs/failures.md):
+    "unreleased_since": "REAL",  # first "not released" of the episode; waits for a re-check
+    "failure_class": "TEXT",  # the class of the last failed attempt
     # Higher first (anime-ctl priority; upstream tools may set it too): see the claim in
     # services/dispatcher/store.py and its indexes below.
     "priority": "INTEGER NOT NULL DEFAULT 0",
@@ -64,6 +67,12 @@ INDEXES = {
     "idx_jobs_stage_id": "CREATE INDEX IF NOT EXISTS idx_jobs_stage_id ON jobs(stage, id)",
     "idx_jobs_anime_episode":
         "CREATE INDEX IF NOT EXISTS idx_jobs_anime_episode ON jobs(anime_id, episode)",
+    # Failures that know what they are: partial, so they hold only the few rows concerned
+    # and the counts pass reads those without another walk over the queue.
+    "idx_jobs_unreleased": "CREATE INDEX IF NOT EXISTS idx_jobs_unreleased "
+                           "ON jobs(stage, next_attempt_at) WHERE unreleased_since IS NOT NULL",
+    "idx_jobs_selection": "CREATE INDEX IF NOT EXISTS idx_jobs_selection "
+                          "ON jobs(stage, anime_id) WHERE failure_class = 'selection'",
     # The claim: the head of the queue (highest priority, then oldest), then that anime's
     # lowest episode of the same priority; both walk an index from its start.
     "idx_jobs_claim":
@@ -109,6 +118,8 @@ class Job(_Base):
     started_at = peewee.FloatField(null=True)
     finished_at = peewee.FloatField(null=True)
     video_duration_seconds = peewee.FloatField(null=True)
+    unreleased_since = peewee.FloatField(null=True)
+    failure_class = peewee.TextField(null=True)
     priority = peewee.IntegerField(default=0)
 
     class Meta:

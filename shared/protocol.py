@@ -222,6 +222,10 @@ class JobFailed(Message):
     reason: str
     error: str
     argv: list[str] = []  # dry run: the command it would have run (a fresh list each)
+    # What kind of failure the error is (shared/failures.py: not_released, selection,
+    # transient, cloudflare, other); "" when not classified (a stop...) or from an older
+    # worker: the dispatcher then classifies the error itself.
+    failure_class: str = ""
 
 
 @message("job.ack")

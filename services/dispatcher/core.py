@@ -96,7 +96,7 @@ class Dispatcher:
                                self.settlement, self.recent, self.disk)
         self.handout = Handout(config, self.options.dry_run, self.options.workers, self.db,
                                self.leases, self.sessions, self.disk, self.counts,
-                               self.settlement, self.endings, effects)
+                               self.settlement, self.endings, effects, self.retries.holds)
         self.reports = Reports(config.queue.lease_seconds, self.options.dry_run, self.db,
                                self.leases, self.sessions, self.disk, self.retries,
                                self.settlement, self.endings, self.handout, self.recent)
@@ -346,4 +346,7 @@ class Dispatcher:
             db_busy_since=health.busy_since, db_error=health.error,
             pending_writes=self.leases.pending_writes() if health.busy_since is not None else 0,
             manual_pause=self.controls.status(now), priorities=list(self.controls.priorities),
-            bandwidth=self.controls.bandwidth())
+            bandwidth=self.controls.bandwidth(),
+            failure_classes=self.recent.failure_classes(now),
+            selection_review=list(self.counts.selection_review),
+            holds=self.retries.holds.active(now))

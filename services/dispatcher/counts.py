@@ -76,7 +76,8 @@ class InlinePasses:
         detail = db.read(now, store.queue_detail, now)
         failures = db.read(now, store.recent_failures)
         without = db.read(now, store.animes_without_selection) if with_without else None
-        self._done = QueueTally(counts, detail, failures, without)
+        review = db.read(now, store.selection_review)
+        self._done = QueueTally(counts, detail, failures, without, review)
         self.seconds = self._perf() - started
 
     def result(self) -> QueueTally | None:
@@ -157,6 +158,7 @@ class QueueCounts:
         self.base: dict[str, int] = {}  # the stage counts of the last pass
         self.detail: dict = {}
         self.failures: list[dict] = []
+        self.selection_review: list[dict] = []  # anime whose jobs failed on their selection
         self.counted_at = -1e18  # when the last pass's snapshot was taken
         self.queue_empty = False  # the last claim found nothing runnable
         self._claimed_for_retry: float | None = None  # the backoff end a claim was tried for
@@ -227,14 +229,20 @@ class QueueCounts:
         out since."""
         if not self.queue_empty:
             return False
-        retry_at = self.detail.get("next_retry_at")
+        retry_at = self._soonest()
         if retry_at is None or now < retry_at or retry_at == self._claimed_for_retry:
             return True
-        # A backoff ran out since the queue looked empty: one claim for it. The status
-        # keeps showing that retry time until the next count (within a second) moves on.
+        # A backoff (or a release's re-check) ran out since the queue looked empty: one
+        # claim for it. The status keeps showing that time until the next count moves on.
         self.queue_empty = False
         self._claimed_for_retry = retry_at
         return False
+
+    def _soonest(self) -> float | None:
+        """The next backoff or re-check of a release to run out (None: none waits)."""
+        times = [t for t in (self.detail.get("next_retry_at"), self.detail.get("next_recheck_at"))
+                 if t is not None]
+        return min(times) if times else None
 
     # --- passes ---------------------------------------------------------------------
 
@@ -292,6 +300,7 @@ class QueueCounts:
         self._mark, self.counted_at = self._pass_mark, self._pass_at
         self._mark_failure_seq = self._pass_failure_seq
         self.failures = self._merged_failures(tally.failures)
+        self.selection_review = tally.selection_review
         self.queue_empty = False
         if tally.without_selection is not None:
             self._log_without_selection(tally.without_selection)
@@ -300,7 +309,7 @@ class QueueCounts:
         cost = getattr(self.passes, "seconds", 0.0)
         if now - self._begun_at < min(5.0, max(1.0, 25 * cost)):
             return False
-        retry_due = (self.detail.get("next_retry_at") or float("inf")) <= now
+        retry_due = (self._soonest() or float("inf")) <= now
         return (self._dirty or self._external or retry_due
                 or now - self.counted_at >= REFRESH_SECONDS)
 
@@ -321,12 +330,15 @@ class QueueCounts:
     def summary(self) -> dict:
         """The summary line's figures, from the last pass and our moves since."""
         counts = self.stage_counts()
-        return {
+        summary = {
             "downloaded": counts.get(STAGE_DOWNLOADED, 0),
             "failed": counts.get(STAGE_FAILED, 0),
             "waiting_for_selection": self.detail["waiting_for_selection"],
             "still_queued": counts.get(STAGE_QUEUED, 0),
         }
+        if self.detail.get("waiting_for_release"):  # part of still_queued, not runnable
+            summary["waiting_for_release"] = self.detail["waiting_for_release"]
+        return summary
 
     @property
     def counts(self) -> dict[str, int]:

@@ -14,6 +14,7 @@ import logging
 from collections import OrderedDict
 from pathlib import Path
 
+from shared import failures
 from shared.lifecycle import kv
 from shared.models import STAGE_DOWNLOADED, STAGE_DOWNLOADING, STAGE_FAILED, STAGE_QUEUED
 from shared.protocol import JobCancel, JobLanded, Message
@@ -88,15 +89,21 @@ class Endings:
                                    e.video_path, e.size, e.duration, now, e.stages)
             elif e.kind == FAIL:
                 ok = self.db.write(now, store.mark_failed, job.id, job.attempt,
-                                   e.error or "failed", now)
+                                   e.error or "failed", now, e.failure_class)
             elif e.kind == CANCEL:
                 ok = self.db.write(now, store.mark_cancelled, job.id, job.attempt, now)
+            elif e.failure_class == failures.NOT_RELEASED:
+                stage = self.db.write(now, store.await_release, job.id, job.attempt,
+                                      self.retries.release_wait(e.error or "", now), now,
+                                      e.failure_class)
+                ok = stage is not None
             else:
                 not_before = self.retries.not_before(job.id, e, now)
                 if e.hold_seconds > 0:
                     not_before = max(not_before or 0.0, now + e.hold_seconds)
                 stage = self.db.write(now, store.requeue, job.id, job.attempt, e.count_retry,
-                                      e.error, self.retries.backoff_at(now), now, not_before)
+                                      e.error, self.retries.backoff_for(e, now), now, not_before,
+                                      e.failure_class)
                 ok = stage is not None
         except StoreUnavailable:
             return False
@@ -148,10 +155,12 @@ class Endings:
 
     def _failed(self, lease: Lease, stage: str | None, now: float) -> None:
         assert lease.ending is not None
-        self._record_failure(lease, lease.ending.error or "failed", now)
+        self._record_failure(lease, lease.ending.error or "failed", lease.ending.failure_class, now)
         self.retries.forget(lease.job.id)
         self.settlement.cleanup(lease.job.id)
-        log.error(kv("failed", **context(lease), error=lease.ending.error))
+        self.recent.failure(now, lease.ending.failure_class)
+        log.error(kv("failed", **context(lease), error=lease.ending.error,
+                     failure_class=lease.ending.failure_class))
 
     def _cancelled(self, lease: Lease, stage: str | None, now: float) -> None:
         """Cancelled by the operator: the worker deletes its partial files (JobCancel);
@@ -164,10 +173,14 @@ class Endings:
         e, job = lease.ending, lease.job
         assert e is not None
         self.retries.requeued(job.id, e, stage)
-        ctx = dict(context(lease), reason=e.reason or None, source=e.source or None)
-        if stage == STAGE_FAILED:
+        self.recent.failure(now, e.failure_class)
+        ctx = dict(context(lease), reason=e.reason or None, source=e.source or None,
+                   failure_class=e.failure_class)
+        if e.failure_class == failures.NOT_RELEASED:
+            self._unreleased(lease, stage, ctx, now)
+        elif stage == STAGE_FAILED:
             if e.error is not None:  # else the row keeps its last error: the next pass says it
-                self._record_failure(lease, e.error, now)
+                self._record_failure(lease, e.error, e.failure_class, now)
             self.settlement.cleanup(job.id)
             log.error(kv("failed after retries", error=e.error, **ctx))
         elif e.count_retry:
@@ -175,13 +188,30 @@ class Endings:
         else:
             log.info(kv("requeued without counting a retry", error=e.error, **ctx))
 
-    def _record_failure(self, lease: Lease, error: str, now: float) -> None:
+    def _record_failure(self, lease: Lease, error: str, failure_class: str | None,
+                        now: float) -> None:
         """Shown in the status's recent failures at once (counts.py), as the count is."""
         if not getattr(self.db.store, "writes", True):
             return  # a dry run records no failure
         job = lease.job
         self.counts.failed({"id": job.id, "anime_id": job.anime_id, "anime_title": job.anime_title,
-                            "episode": job.episode, "error": error, "at": now})
+                            "episode": job.episode, "error": error, "at": now,
+                            "failure_class": failure_class})
+
+    def _unreleased(self, lease: Lease, stage: str | None, ctx: dict, now: float) -> None:
+        assert lease.ending is not None
+        if stage == STAGE_FAILED:
+            error = f"{lease.ending.error}\n{self.retries.gave_up_note()}"  # as retries.py writes it
+            self._record_failure(lease, error, failures.NOT_RELEASED, now)
+            self.settlement.cleanup(lease.job.id)
+            log.error(kv("failed: the episode was never released", error=error, **ctx))
+        else:
+            # ani-cli died before any download: nothing in its private directory is worth
+            # keeping for hours (and the job cannot be handed out before its re-check).
+            self.settlement.cleanup(lease.job.id)
+            log.info(kv("not released yet: waiting for a re-check, no retry counted",
+                        said=(lease.ending.error or "?").splitlines()[-1],
+                        recheck_hours=self.retries.recheck_seconds / 3600, **ctx))
 
     def changed_elsewhere(self, lease: Lease, now: float) -> None:
         """The row is not the attempt we hold any more: another program changed it. It is

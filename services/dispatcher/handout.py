@@ -20,6 +20,7 @@ from services.dispatcher.db_health import Database
 from services.dispatcher.disk_hooks import DiskHooks
 from services.dispatcher.effects import Effects
 from services.dispatcher.endings import Endings
+from services.dispatcher.holds import HostHolds
 from services.dispatcher.leases import (DISPATCHER, FAIL, Ending, Lease, LeaseTable,
                                         owner_worker_id, validate)
 from services.dispatcher.sessions import Sessions
@@ -33,8 +34,10 @@ Outgoing = tuple[bytes, Message]
 class Handout:
     def __init__(self, config: Config, dry_run: bool, workers_started: int, db: Database,
                  leases: LeaseTable, sessions: Sessions, disk: DiskHooks, counts: QueueCounts,
-                 settlement: Settlement, endings: Endings, effects: Effects) -> None:
+                 settlement: Settlement, endings: Endings, effects: Effects,
+                 holds: HostHolds | None = None) -> None:
         self.config, self.dry_run, self.workers_started = config, dry_run, workers_started
+        self.holds = holds  # hosts whose workers get no job for now (a Cloudflare block)
         self.db, self.leases, self.sessions, self.disk = db, leases, sessions, disk
         self.admission = disk.admission
         self.counts, self.settlement, self.endings, self.effects = counts, settlement, endings, effects
@@ -60,8 +63,11 @@ class Handout:
             if limit is not None and claims >= limit:
                 self.more = True
                 break
+            picked = self._next_idle(now)
+            if picked is None:
+                break  # every idle worker is on a host held after a Cloudflare block
             claims += 1
-            identity, (seq, _) = next(iter(self.sessions.idle.items()))
+            identity, seq = picked
             try:
                 job = self.db.write(now, self.db.store.claim_next, identity.decode(),
                                     now + self.lease_seconds, now)
@@ -76,6 +82,14 @@ class Handout:
             self.sessions.used(identity, seq)
             out.append((identity, self._lease(job, identity, now)))
         return out
+
+    def _next_idle(self, now: float) -> tuple[bytes, int] | None:
+        """The first idle worker whose host is not held (holds.py), and its credit's seq."""
+        for identity, (seq, _) in self.sessions.idle.items():
+            seen = self.sessions.workers.get(identity)
+            if self.holds is None or not self.holds.held(seen.host if seen else "", now):
+                return identity, seq
+        return None
 
     def _dispose_unrunnable(self, job: ClaimedJob, now: float) -> bool:
         """End a claimed row that is not to be downloaded; the dispatcher holds it (as a

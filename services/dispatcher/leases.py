@@ -43,6 +43,8 @@ class Ending:
     keep_partials: bool = True  # for that JobCancel: keep the partial files to resume
     hold_seconds: float = 0.0  # REQUEUE: not handed out again before this long
     source: str = ""  # who asked (an operator's control), for the log
+    failure_class: str | None = None  # shared/failures.py: what kind of failure it was
+    hold_until: float | None = None  # a Cloudflare block: its host's hold (holds.py)
 
 
 @dataclass

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from collections import deque
 
+from shared import failures
 from services.dispatcher.store import ClaimedJob
 
 HOUR = 3600.0
 LANDINGS_KEPT = 10_000
 MISMATCHES_KEPT = 5
+FAILURES_KEPT = 10_000
 
 
 class Recent:
@@ -20,6 +22,21 @@ class Recent:
         self.landed: deque[tuple[float, int]] = deque(maxlen=LANDINGS_KEPT)
         self.title_mismatches: deque[dict] = deque(maxlen=MISMATCHES_KEPT)
         self.dry_run_done = 0
+        self.failed: deque[tuple[float, str]] = deque(maxlen=FAILURES_KEPT)  # (at, class)
+
+    def failure(self, now: float, failure_class: str | None) -> None:
+        """A failed attempt of a known class was recorded (retried, waiting or failed)."""
+        if failure_class is not None:
+            self.failed.append((now, failure_class))
+
+    def failure_classes(self, now: float) -> dict[str, int]:
+        """Failed attempts of the last hour by class, every class present (0 for none)."""
+        counts = dict.fromkeys(failures.CLASSES, 0)
+        for at, cls in reversed(self.failed):
+            if at < now - HOUR:
+                break
+            counts[cls] = counts.get(cls, 0) + 1
+        return counts
 
     def landing(self, now: float, size: int) -> None:
         self.landed.append((now, size))

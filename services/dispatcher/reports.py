@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 
+from shared import failures
 from shared.lifecycle import kv
 from shared.protocol import (REASON_DRY_RUN, REASON_NO_SPACE, REASON_STORAGE, JobAck,
                              JobCancel, JobCommit, JobFailed, JobFinished, JobHeartbeat,
@@ -101,6 +102,7 @@ class Reports:
                                   duration=msg.duration_seconds)
             if msg.title_mismatch:
                 self.recent.title_mismatch(lease.job, msg.site_title, now)
+            self.retries.holds.landed(self._host(identity))
         self.leases.alive(lease, now, self.lease_seconds)
         return ack if self.endings.end(lease, now) else []
 
@@ -127,4 +129,17 @@ class Reports:
             self.disk.no_space(now)
         if msg.reason == REASON_STORAGE:
             self.disk.storage_failed(now)
-        return self.retries.failure_ending(lease.job.id, msg)
+        ending = self.retries.failure_ending(lease.job.id, msg)
+        if ending.failure_class == failures.CLOUDFLARE:
+            host = self._host(lease.owner)
+            ending.hold_until = self.retries.holds.block(host, now)
+            if ending.hold_until is not None:
+                log.warning(kv("blocked by Cloudflare: no new download starts on this host "
+                               "until the hold ends", host=host or None,
+                               hold_seconds=round(ending.hold_until - now, 1),
+                               worker_id=owner_worker_id(lease.owner), job_id=lease.job.id))
+        return ending
+
+    def _host(self, identity: bytes) -> str:
+        seen = self.sessions.workers.get(identity)
+        return seen.host if seen is not None else ""

@@ -48,3 +48,7 @@ class StatusSnapshot:
     manual_pause: dict = field(default_factory=dict)
     priorities: list[dict] = field(default_factory=list)
     bandwidth: dict = field(default_factory=dict)
+    # failures that know what they are (docs/failures.md)
+    failure_classes: dict = field(default_factory=dict)  # class -> failed attempts, last hour
+    selection_review: list[dict] = field(default_factory=list)  # anime to look at
+    holds: list[dict] = field(default_factory=list)  # hosts held after a Cloudflare block

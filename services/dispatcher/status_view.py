@@ -96,8 +96,23 @@ def _database(s: StatusSnapshot) -> dict:
             "pending_writes": s.pending_writes if s.db_busy_since is not None else 0}
 
 
+def _failure_classes(s: StatusSnapshot, doc: dict) -> None:
+    """Failures that know what they are (docs/failures.md): jobs waiting for a release,
+    failed attempts by class, the anime whose selection wants a look, the hosts held
+    after a Cloudflare block (their idle workers show as ``paused``)."""
+    doc["queue"]["waiting_for_release"] = s.detail.get("waiting_for_release", 0)
+    doc["queue"]["next_recheck_at"] = s.detail.get("next_recheck_at")
+    doc["failure_classes"] = {"last_hour": dict(s.failure_classes),
+                              "cloudflare_holds": list(s.holds)}
+    doc["selection_review"] = list(s.selection_review)
+    held = {hold["host"] for hold in s.holds}
+    for worker in doc["workers"]:
+        if worker["state"] == "idle" and worker["host"] in held:
+            worker["state"] = "paused"
+
+
 def build_status(s: StatusSnapshot) -> dict:
-    return {
+    doc = {
         "generated_at": s.now,
         "dispatcher": {"pid": os.getpid(), "dry_run": s.dry_run, "anime_id": s.anime_id,
                        "stopping": s.stopping},
@@ -112,3 +127,5 @@ def build_status(s: StatusSnapshot) -> dict:
         "pause": dict(s.manual_pause) or {"paused": False},
         "bandwidth": dict(s.bandwidth),
     }
+    _failure_classes(s, doc)
+    return doc

@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import logging
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
 
@@ -94,6 +94,15 @@ class JobRow:
     retry_count: int | None
     max_retries: int | None
     video_path: str | None
+
+
+@dataclass(frozen=True)
+class ReleaseWait:
+    """What becomes of a job whose episode is not released yet (retries.py decides)."""
+    stage: str  # queued (waits for a re-check) or failed (waited long enough)
+    next_attempt_at: float | None
+    error: str
+    since: float  # unreleased_since: the first "not released"
 
 
 @dataclass
@@ -236,7 +245,8 @@ class SqlJobStore:
                 if self.db.execute_sql(
                         "UPDATE jobs SET stage = ?, video_path = ?, video_size_bytes = ?, "
                         "video_duration_seconds = ?, error_message = NULL, lease_owner = NULL, "
-                        "lease_deadline = NULL, next_attempt_at = NULL, finished_at = ? "
+                        "lease_deadline = NULL, next_attempt_at = NULL, finished_at = ?, "
+                        "unreleased_since = NULL, failure_class = NULL "
                         "WHERE id = ? AND attempt = ? AND stage = ? RETURNING id",
                         [STAGE_DOWNLOADED, video_path, size, duration, now, job_id, attempt,
                          stage]).fetchone() is not None:
@@ -249,14 +259,16 @@ class SqlJobStore:
     @weather
     def requeue(self, job_id: int, attempt: int, count_retry: bool, error: str | None,
                 backoff: Callable[[int], float | None], now: float | None = None,
-                not_before: float | None = None) -> str | None:
+                not_before: float | None = None, failure_class: str | None = None) -> str | None:
         """Hand a job back; returns its new stage (queued or failed), None if the row is
         not this attempt downloading any more (then nothing is written).
 
         ``backoff(retry_count)`` gives the time before which a counted retry is not
         handed out again, ``not_before`` the same for one not counted; ``now`` is
         recorded as ``finished_at`` when the job fails for good. The read and the
-        guarded update are one transaction: nobody writes in between.
+        guarded update are one transaction: nobody writes in between. ``failure_class``
+        (shared/failures.py) is recorded when given; a classified failure ends a wait for
+        the episode's release (``unreleased_since``): the site lists it now.
         """
         with self.db.atomic():
             row = self.db.execute_sql(
@@ -276,22 +288,54 @@ class SqlJobStore:
             self.db.execute_sql(
                 "UPDATE jobs SET stage = ?, retry_count = ?, "
                 "error_message = COALESCE(?, error_message), lease_owner = NULL, "
-                "lease_deadline = NULL, next_attempt_at = ?, finished_at = ? "
+                "lease_deadline = NULL, next_attempt_at = ?, finished_at = ?, "
+                "failure_class = COALESCE(?, failure_class), "
+                "unreleased_since = CASE WHEN ? IS NULL THEN unreleased_since END "
                 "WHERE id = ? AND attempt = ? AND stage = ?",
                 [stage, retry_count, error, next_attempt_at,
-                 now if stage == STAGE_FAILED else None, job_id, attempt, STAGE_DOWNLOADING])
+                 now if stage == STAGE_FAILED else None, failure_class, failure_class,
+                 job_id, attempt, STAGE_DOWNLOADING])
         self._moved(STAGE_DOWNLOADING, stage)
         return stage
 
     @weather
-    def mark_failed(self, job_id: int, attempt: int, error: str, now: float) -> bool:
+    def await_release(self, job_id: int, attempt: int,
+                      decide: Callable[[float | None], ReleaseWait], now: float,
+                      failure_class: str) -> str | None:
+        """Hand back a job whose episode the site does not list yet, counting no retry:
+        ``decide(unreleased_since)`` (retries.py) says until when it waits (stage queued)
+        or that it has waited long enough (stage failed). Returns the new stage, None if
+        the row is not this attempt downloading any more (nothing is written)."""
+        with self.db.atomic():
+            row = self.db.execute_sql(
+                "SELECT unreleased_since FROM jobs WHERE id = ? AND attempt = ? AND stage = ?",
+                [job_id, attempt, STAGE_DOWNLOADING]).fetchone()
+            if row is None:
+                return None
+            wait = decide(row[0])
+            self.db.execute_sql(
+                "UPDATE jobs SET stage = ?, error_message = ?, lease_owner = NULL, "
+                "lease_deadline = NULL, next_attempt_at = ?, finished_at = ?, "
+                "unreleased_since = ?, failure_class = ? "
+                "WHERE id = ? AND attempt = ? AND stage = ?",
+                [wait.stage, wait.error, wait.next_attempt_at,
+                 now if wait.stage == STAGE_FAILED else None, wait.since, failure_class,
+                 job_id, attempt, STAGE_DOWNLOADING])
+        self._moved(STAGE_DOWNLOADING, wait.stage)
+        return wait.stage
+
+    @weather
+    def mark_failed(self, job_id: int, attempt: int, error: str, now: float,
+                    failure_class: str | None = None) -> bool:
         """Fail ``attempt`` for good; False if the row is not that attempt downloading."""
         with self.db.atomic():
             row = self.db.execute_sql(
                 "UPDATE jobs SET stage = ?, error_message = ?, lease_owner = NULL, "
-                "lease_deadline = NULL, next_attempt_at = NULL, finished_at = ? "
+                "lease_deadline = NULL, next_attempt_at = NULL, finished_at = ?, "
+                "failure_class = COALESCE(?, failure_class) "
                 "WHERE id = ? AND attempt = ? AND stage = ? RETURNING id",
-                [STAGE_FAILED, error, now, job_id, attempt, STAGE_DOWNLOADING]).fetchone()
+                [STAGE_FAILED, error, now, failure_class, job_id, attempt,
+                 STAGE_DOWNLOADING]).fetchone()
         if row is not None:
             self._moved(STAGE_DOWNLOADING, STAGE_FAILED)
         return row is not None
@@ -376,6 +420,10 @@ class SqlJobStore:
         return recent_failures(self.db.execute_sql, limit)
 
     @weather
+    def selection_review(self, limit: int = 20) -> list[dict]:
+        return selection_review(self.db.execute_sql, limit)
+
+    @weather
     def downloaded_since(self, since: float) -> tuple[int, int]:
         count, total = self.db.execute_sql(
             "SELECT COUNT(*), COALESCE(SUM(video_size_bytes), 0) FROM jobs "
@@ -425,6 +473,8 @@ class SqlJobStore:
             self.db.execute_sql(
                 "UPDATE jobs SET stage = ?, retry_count = 0, error_message = NULL, "
                 "next_attempt_at = NULL, finished_at = NULL, lease_owner = NULL, "
+                # a wait for the episode's release starts afresh (docs/failures.md)
+                "unreleased_since = NULL, failure_class = NULL, "
                 f"lease_deadline = NULL WHERE stage = ? AND {where}",
                 [STAGE_QUEUED, STAGE_FAILED, *params])
             hurried = [row[0] for row in self.db.execute_sql(
@@ -525,37 +575,30 @@ def queue_detail(execute: Execute, now: float, anime_id: int | None = None) -> d
         "FROM jobs j LEFT JOIN anime_selection_cache s ON s.mal_id = j.anime_id "
         f"WHERE j.stage = 'queued' {anime_filter}", [now, *params]).fetchone()
     waiting, backing_off, soonest, queued = row
-    return {"waiting_for_selection": waiting or 0, "backing_off": backing_off or 0,
-            "next_retry_at": soonest, "runnable": (queued or 0) - (waiting or 0),
+    # Jobs waiting for their episode's release (unreleased_since: few, in a partial
+    # index) are counted apart: not backing off, not runnable before their re-check.
+    unreleased, recheck = execute(
+        "SELECT SUM(s.mal_id IS NOT NULL AND j.next_attempt_at > ?), "
+        "MIN(CASE WHEN s.mal_id IS NOT NULL AND j.next_attempt_at > ? "
+        "    THEN j.next_attempt_at END) "
+        "FROM jobs j LEFT JOIN anime_selection_cache s ON s.mal_id = j.anime_id "
+        f"WHERE j.stage = 'queued' AND j.unreleased_since IS NOT NULL {anime_filter}",
+        [now, *params]).fetchone()
+    unreleased = unreleased or 0
+    backing_off = (backing_off or 0) - unreleased
+    if not backing_off:
+        soonest = None
+    elif unreleased and soonest == recheck:  # a re-check comes first: the next retry?
+        (soonest,) = execute(
+            "SELECT MIN(j.next_attempt_at) FROM jobs j JOIN anime_selection_cache s "
+            "ON s.mal_id = j.anime_id WHERE j.stage = 'queued' AND j.next_attempt_at > ? "
+            f"AND j.unreleased_since IS NULL {anime_filter}", params).fetchone()
+    return {"waiting_for_selection": waiting or 0, "backing_off": backing_off,
+            "next_retry_at": soonest,
+            "runnable": (queued or 0) - (waiting or 0) - unreleased,
             "backoff_reasons": backoff_reasons(execute, now, anime_id) if backing_off else [],
+            "waiting_for_release": unreleased, "next_recheck_at": recheck,
             "by_anime": by_anime(execute, anime_id)}
-
-
-BY_ANIME_KEPT = 50  # rows of queue.by_anime: the busiest series
-
-
-def by_anime(execute: Execute, anime_id: int | None = None,
-             limit: int = BY_ANIME_KEPT) -> list[dict]:
-    """The series with work left or failures, busiest first (downloading, then the
-    highest priority of what is left, then failed, then queued): their jobs by stage and
-    that priority. One walk of idx_jobs_anime_claim (anime_id, stage, priority: it
-    covers the query, no table row is read), then a title lookup per row shown."""
-    where, params = ("WHERE anime_id = ?", [anime_id]) if anime_id is not None else ("", [])
-    rows = execute(
-        "SELECT anime_id, SUM(stage = 'queued') AS q, SUM(stage = 'downloading') AS d, "
-        "SUM(stage = 'downloaded'), SUM(stage = 'failed') AS f, "
-        "MAX(CASE WHEN stage IN ('queued', 'downloading') THEN priority END) AS p "
-        f"FROM jobs {where} GROUP BY anime_id HAVING q + d + f > 0 "
-        "ORDER BY d DESC, COALESCE(p, 0) DESC, f DESC, q DESC, anime_id LIMIT ?",
-        [*params, limit]).fetchall()
-    out = []
-    for mal_id, queued, downloading, downloaded, failed, priority in rows:
-        title = execute("SELECT anime_title FROM jobs WHERE anime_id = ? LIMIT 1",
-                        [mal_id]).fetchone()
-        out.append({"anime_id": mal_id, "anime_title": title[0] if title else None,
-                    "queued": queued, "downloading": downloading, "downloaded": downloaded,
-                    "failed": failed, "priority": priority or 0})
-    return out
 
 
 def backoff_reasons(execute: Execute, now: float, anime_id: int | None = None) -> list[dict]:
@@ -568,8 +611,40 @@ def backoff_reasons(execute: Execute, now: float, anime_id: int | None = None) -
         "SELECT j.error_message, COUNT(*), MIN(j.next_attempt_at) FROM jobs j "
         "JOIN anime_selection_cache s ON s.mal_id = j.anime_id "
         f"WHERE j.stage = 'queued' AND j.next_attempt_at > ? {anime_filter} "
+        "AND j.unreleased_since IS NULL "  # a release wait is not a backoff
         "GROUP BY j.error_message", params)
     return top_reasons(cursor.fetchall())
+
+
+BY_ANIME_KEPT = 50  # rows of queue.by_anime: the busiest series
+
+
+def by_anime(execute: Execute, anime_id: int | None = None,
+             limit: int = BY_ANIME_KEPT) -> list[dict]:
+    """The series with work left or failures, busiest first (downloading, then the
+    highest priority of what is left, then failed, then queued): their jobs by stage and
+    that priority, and how many of its queued jobs wait for their episode's release.
+    One walk of idx_jobs_anime_claim (anime_id, stage, priority: it covers the query, no
+    table row is read), then per row shown its title and its queued rows' release waits."""
+    where, params = ("WHERE anime_id = ?", [anime_id]) if anime_id is not None else ("", [])
+    rows = execute(
+        "SELECT anime_id, SUM(stage = 'queued') AS q, SUM(stage = 'downloading') AS d, "
+        "SUM(stage = 'downloaded'), SUM(stage = 'failed') AS f, "
+        "MAX(CASE WHEN stage IN ('queued', 'downloading') THEN priority END) AS p "
+        f"FROM jobs {where} GROUP BY anime_id HAVING q + d + f > 0 "
+        "ORDER BY d DESC, COALESCE(p, 0) DESC, f DESC, q DESC, anime_id LIMIT ?",
+        [*params, limit]).fetchall()
+    out = []
+    for mal_id, queued, downloading, downloaded, failed, priority in rows:
+        title = execute("SELECT anime_title FROM jobs WHERE anime_id = ? LIMIT 1",
+                        [mal_id]).fetchone()
+        (waiting,) = execute(  # that series' queued rows only (the index's anime_id, stage)
+            "SELECT COUNT(*) FROM jobs WHERE anime_id = ? AND stage = 'queued' "
+            "AND unreleased_since IS NOT NULL", [mal_id]).fetchone()
+        out.append({"anime_id": mal_id, "anime_title": title[0] if title else None,
+                    "queued": queued, "downloading": downloading, "downloaded": downloaded,
+                    "failed": failed, "waiting_release": waiting, "priority": priority or 0})
+    return out
 
 
 def animes_without_selection(execute: Execute) -> list[int]:
@@ -580,11 +655,23 @@ def animes_without_selection(execute: Execute) -> list[int]:
 
 def recent_failures(execute: Execute, limit: int = 5) -> list[dict]:
     rows = execute(
-        "SELECT id, anime_id, anime_title, episode, error_message, finished_at FROM jobs "
-        "WHERE stage = ? ORDER BY finished_at IS NULL, finished_at DESC, id DESC LIMIT ?",
-        [STAGE_FAILED, limit]).fetchall()
-    return [{"id": i, "anime_id": a, "anime_title": t, "episode": e, "error": err, "at": at}
-            for i, a, t, e, err, at in rows]
+        "SELECT id, anime_id, anime_title, episode, error_message, finished_at, failure_class "
+        "FROM jobs WHERE stage = ? ORDER BY finished_at IS NULL, finished_at DESC, id DESC "
+        "LIMIT ?", [STAGE_FAILED, limit]).fetchall()
+    return [{"id": i, "anime_id": a, "anime_title": t, "episode": e, "error": err, "at": at,
+             "failure_class": c} for i, a, t, e, err, at, c in rows]
+
+
+def selection_review(execute: Execute, limit: int = 20) -> list[dict]:
+    """The anime whose jobs failed for good with a ``selection`` failure (the search or
+    the -S index found nothing), the last failure first: their selection wants a look.
+    A partial index (models.py) holds just the rows of that class."""
+    cursor = execute(
+        "SELECT anime_id, MAX(anime_title), COUNT(*), MAX(finished_at), "
+        "MAX(error_message) FROM jobs WHERE stage = 'failed' AND failure_class = 'selection' "
+        "GROUP BY anime_id ORDER BY MAX(finished_at) DESC, anime_id LIMIT ?", [limit])
+    return [{"anime_id": a, "anime_title": t, "failed": n, "at": at, "error": e}
+            for a, t, n, at, e in cursor.fetchall()]
 
 
 @dataclass
@@ -594,12 +681,14 @@ class QueueTally:
     detail: dict
     failures: list[dict]
     without_selection: list[int] | None  # None: not asked for
+    selection_review: list[dict] = field(default_factory=list)
 
 
 def tally(execute: Execute, now: float, anime_id: int | None, with_without: bool) -> QueueTally:
     return QueueTally(stage_counts(execute), queue_detail(execute, now, anime_id),
                       recent_failures(execute),
-                      animes_without_selection(execute) if with_without else None)
+                      animes_without_selection(execute) if with_without else None,
+                      selection_review(execute))
 
 
 class QueueReader:

@@ -64,9 +64,13 @@ class DryRunStore(SqlJobStore):
         self._done.add(job_id)
         return "dry_run"
 
-    def mark_failed(self, job_id: int, *args: object) -> bool:
+    def mark_failed(self, job_id: int, *args: object, **kwargs: object) -> bool:
         self._done.add(job_id)
         return True
+
+    def await_release(self, job_id: int, *args: object, **kwargs: object) -> str:
+        self._done.add(job_id)
+        return "dry_run"
 
     def leases(self) -> list[LeaseRow]:
         return []
@@ -93,6 +97,9 @@ class DryRunStore(SqlJobStore):
             return []
 
     def recent_failures(self, limit: int = 5) -> list[dict]:
+        return []
+
+    def selection_review(self, limit: int = 20) -> list[dict]:
         return []
 
     def downloaded_since(self, since: float) -> tuple[int, int]:

@@ -18,6 +18,7 @@ import logging
 import signal
 from typing import TYPE_CHECKING, Callable
 
+from shared import failures
 from shared.config import Config
 from shared.lifecycle import kv
 from shared.protocol import (REASON_DRY_RUN, REASON_ERROR, REASON_HARD_LIMIT, REASON_INTERRUPTED,
@@ -238,11 +239,15 @@ class HeldJob:
         for name in TIMERS:
             self.timers.cancel(name)
         level = logging.INFO if reason in (REASON_DRY_RUN, REASON_INTERRUPTED) else logging.WARNING
+        found = failures.classify(reason, error)
         if reason != REASON_DRY_RUN:
             log.log(level, kv("attempt ended without a file", reason=reason,
-                              error=error.splitlines()[0] if error else None, **self.context))
+                              failure_class=found.cls if found else None,
+                              error=error.splitlines()[0] if error else None,
+                              said=found.line if found else None, **self.context))
         self._report(JobFailed(**self.ids, job_id=self.job.job_id, attempt=self.job.attempt,
-                               reason=reason, error=error, argv=argv or []), now)
+                               reason=reason, error=error, argv=argv or [],
+                               failure_class=found.cls if found else ""), now)
 
     def _unless_storage(self, reason: str, error: str) -> tuple[str, str]:
         """A failure while the storage is not there (the failure may be its first sign) is

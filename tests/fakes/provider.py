@@ -74,9 +74,12 @@ patterns of ani-cli 82574d2 (line numbers of that script)::
                                         <img alt="<title>"> per show whose words
                                         contain every word of the query (157-165);
                                         the title HTML-escaped as the site does it
-                                        (&amp; &quot; &#039;)
+                                        (&amp; &quot; &#039;); after
+                                        ``challenge_searches()`` Cloudflare's 403
+                                        "Just a moment..." page instead (160-163)
     GET /anime/<slug-id>                a page with the MyAnimeList link (168-174)
-    GET /api/frontend/anime/<id>/episodes      [{"id":E,"number":N},...] (177-181)
+    GET /api/frontend/anime/<id>/episodes      [{"id":E,"number":N},...] (177-181);
+                                        ``release(slug_id, n)`` lists n from then on
     GET /api/frontend/episode/<E>/languages    [{"code":"jpn",...,"embed_url":
                                         "https:\\/\\/anidb.app\\/embed\\/<E>"}] (184-195);
                                         [] for an episode added with no source
@@ -112,7 +115,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -134,6 +137,15 @@ HTML_ERROR_PAGE = (
     b"<body><h1>404 Not Found</h1><p>The requested episode is not available on this server.</p>\n"
     b"<p>Please try again later or choose another source.</p><hr><address>nginx</address>\n"
     b"</body></html>\n"
+)
+
+
+# What Cloudflare sends a client it challenges (abridged): ani-cli looks for "Just a moment".
+CLOUDFLARE_CHALLENGE = (
+    b"<!DOCTYPE html><html lang=\"en-US\"><head><title>Just a moment...</title>\n"
+    b"<meta http-equiv=\"refresh\" content=\"390\"></head><body><div class=\"main-wrapper\">\n"
+    b"<h1>anidb.app</h1><p>Verifying you are human. This may take a few seconds.</p>\n"
+    b"</div></body></html>\n"
 )
 
 
@@ -350,6 +362,7 @@ class Provider:
         self._counters: dict[tuple[str, str, str, int], int] = {}  # (what, slug, ep, seg) -> requests seen
         self._media: dict[float, Media] = {}
         self._shows: list[Show] = []
+        self._challenge = False  # searches get Cloudflare's "Just a moment..." page
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -581,6 +594,18 @@ class Provider:
             self._shows.append(show)
         return show
 
+    def release(self, slug_id: str, episodes: int) -> None:
+        """The site lists ``episodes`` episodes of the show from now on (an airing show)."""
+        with self._lock:
+            self._shows = [replace(s, episodes=episodes) if s.slug_id == slug_id else s
+                           for s in self._shows]
+
+    def challenge_searches(self, on: bool = True) -> None:
+        """Answer searches with Cloudflare's challenge page (HTTP 403, "Just a moment..."),
+        as anidb.app does to a client Cloudflare blocks."""
+        with self._lock:
+            self._challenge = on
+
     def _site_route(self, method: str, path: str, query: str,
                     entry: dict[str, Any]) -> tuple[int, str, bytes, str | None, bool] | None:
         if method != "GET":
@@ -593,6 +618,8 @@ class Provider:
             entry["kind"] = "search"
             wanted = _words((urllib.parse.parse_qs(query).get("q") or [""])[0])
             entry["query"] = " ".join(wanted)
+            if self._challenge:
+                return 403, html_type, CLOUDFLARE_CHALLENGE, "challenge", False
             hits = [s for s in shows if wanted and set(wanted) <= set(_words(s.title))]
             return 200, html_type, _search_page(hits), None, False
         if len(parts) == 2 and parts[0] == "anime":

@@ -97,5 +97,8 @@ class CountingStore:
     def recent_failures(self) -> list[dict]:
         return []
 
+    def selection_review(self) -> list[dict]:
+        return []
+
     def animes_without_selection(self) -> list[int]:
         return list(self.without)

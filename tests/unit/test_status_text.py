@@ -51,7 +51,8 @@ def sample(title: str = "Fullmetal Alchemist: Brotherhood") -> dict:
                   "other_stages": {"transcribed": 900}, "counted_at": NOW - 1,
                   "cancelled": 0, "priorities": [],
                   "by_anime": [{"anime_id": 5114, "anime_title": "Show", "queued": 2,
-                                "downloading": 1, "downloaded": 1, "failed": 0, "priority": 0}]},
+                                "downloading": 1, "downloaded": 1, "failed": 0,
+                                "waiting_release": 0, "priority": 0}]},
         "workers": [
             {"id": "w01", "host": "h", "state": "downloading", "last_seen_seconds": 0.4, "job": job},
             {"id": "w02", "host": "h", "state": "verifying", "last_seen_seconds": 0.1,
@@ -248,6 +249,9 @@ def test_the_document_has_the_documented_shape_and_worker_states(dispatcher: Dis
     # Exactly the keys of the example in docs/status-json.md (sample() mirrors
     # it), and "database" (README, "The database contract").
     doc = sample()
+    # ... and the keys of docs/failures.md (failures that know what they are)
+    doc["queue"].update(waiting_for_release=0, next_recheck_at=None)
+    doc.update(failure_classes={}, selection_review=[])
     assert set(s) == set(doc)
     for part in ("dispatcher", "queue", "disk", "last_hour", "database", "pause", "bandwidth"):
         assert set(s[part]) == set(doc[part]), part
@@ -335,7 +339,8 @@ def test_backoff_reasons_and_the_next_retry_once_one_backoff_ran_out(dispatcher:
     moov = ("Downloaded file is not a playable video: incomplete MP4: moov atom not found "
             "(the download or remux did not finish)")
     fail(d, A, "w01", jobs[A], moov, t + 1)
-    fail(d, B, "w02", jobs[B], "ani-cli returned non-zero exit code: 1\nlast lines\nEpisode not released!",
+    # (not "Episode not released!": that one waits for a re-check, docs/failures.md)
+    fail(d, B, "w02", jobs[B], "ani-cli returned non-zero exit code: 1\nlast lines\nNo sources found for sub!",
          t + 40)  # backoffs of 60 s +-25 %: A's ends in t+46..76, B's in t+85..115
     d.tick(t + 42)
     q = served(d, t + 42)["queue"]
@@ -343,7 +348,7 @@ def test_backoff_reasons_and_the_next_retry_once_one_backoff_ran_out(dispatcher:
     first, second = sorted(q["backoff_reasons"], key=lambda r: r["next_retry_at"])
     assert (first["reason"], first["count"]) == (moov, 1)
     assert (second["reason"], second["count"]) == ("ani-cli returned non-zero exit code: 1: "
-                                                   "Episode not released!", 1)
+                                                   "No sources found for sub!", 1)
     assert q["next_retry_at"] == first["next_retry_at"]
     later = first["next_retry_at"] + 2  # job A's backoff ran out; no worker asks for it
     d.tick(later)

@@ -290,6 +290,27 @@ def test_an_exit_with_a_message_is_judged_by_what_it_left(w: Worker) -> None:
                                               "Episode not released!")
 
 
+@pytest.mark.parametrize("tail,cls", [("Episode not released!", "not_released"),
+                                       ("Invalid anime selection", "selection"),
+                                       ("something else entirely", "other")])
+def test_the_failure_report_carries_its_class_and_the_log_says_it(
+        w: Worker, caplog, tail: str, cls: str) -> None:
+    """shared/failures.py's class travels in job.failed (issue 18) and is logged."""
+    w.downloading()
+    caplog.set_level(logging.WARNING)
+    actions = w.core.exited(Exit(1, died=True, tail=tail), w.now)
+    [msg] = [m for m in sent(actions) if isinstance(m, JobFailed)]
+    assert msg.failure_class == cls
+    assert f"failure_class={cls}" in caplog.text
+
+
+def test_a_stop_is_not_classified(w: Worker) -> None:
+    w.downloading()
+    w.core.on_stop_signal(1, w.now)
+    [msg] = [m for m in sent(w.core.exited(Exit(-signal.SIGTERM), w.now)) if isinstance(m, JobFailed)]
+    assert (msg.reason, msg.failure_class) == (REASON_INTERRUPTED, "")
+
+
 def test_a_full_disk_in_ani_cli_s_output_is_lack_of_space(w: Worker) -> None:
     w.downloading()
     actions = w.core.exited(Exit(1, died=True, tail="ERROR: [Errno 28] No space left on device"), w.now)
