@@ -1,7 +1,8 @@
 """What the dispatcher does on the storage filesystem, behind one object it is given.
 
 The dispatcher's rooms decide; this object does the file-system work: look for an
-episode's final file and take its size, remove a private directory (only one no
+episode's final file and take its size, list an episode it settles from its file in
+metadata.json (its worker stopped between the link and that), remove a private directory (only one no
 attempt holds the lock of, where asked), list the private directories for the
 sweep at start, and look after the storage (identify it if nobody has, say what is
 wrong with it). Like the store, it is injected: the unit tests give the dispatcher a
@@ -12,14 +13,19 @@ In a dry run nothing is removed and the storage is not identified.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import shutil
 from pathlib import Path
 from typing import Protocol
 
-from shared import layout
+from shared import layout, metadata
 from shared.config import Config
+from shared.lifecycle import kv
 from shared.storage import StorageWatch
+from services.dispatcher.store import ClaimedJob
+
+log = logging.getLogger(__name__)
 
 
 class Effects(Protocol):
@@ -31,6 +37,8 @@ class Effects(Protocol):
     def find_landed(self, anime_id: int, episode: int) -> Path | None: ...
 
     def size_of(self, path: Path) -> int | None: ...
+
+    def list_in_metadata(self, job: ClaimedJob, path: Path) -> None: ...
 
     def remove_private_dir(self, job_id: int, unless_locked: bool = False) -> None: ...
 
@@ -65,6 +73,19 @@ class FileEffects:
             return path.stat().st_size
         except OSError:
             return None
+
+    def list_in_metadata(self, job: ClaimedJob, path: Path) -> None:
+        """An episode settled from its file: metadata.json lists it (shared/metadata.py)."""
+        if not self.writes:
+            return
+        try:
+            if metadata.ensure_listed(self.storage_dir, job, path):
+                log.warning(kv("listed a settled episode in metadata.json (its worker "
+                               "stopped before it did)", job_id=job.id, anime_id=job.anime_id,
+                               episode=job.episode, path=path))
+        except OSError as exc:
+            log.error(kv("cannot list a settled episode in metadata.json", job_id=job.id,
+                         anime_id=job.anime_id, episode=job.episode, error=exc))
 
     def remove_private_dir(self, job_id: int, unless_locked: bool = False) -> None:
         """Remove a job's private directory; ``unless_locked``: only if no attempt holds its

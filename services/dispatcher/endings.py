@@ -141,6 +141,8 @@ class Endings:
             log.warning(kv("settled a landed file without a second download", job_id=job.id,
                            anime_id=job.anime_id, episode=job.episode, path=e.video_path,
                            why=e.settled))
+            if e.video_path is not None:
+                self.settlement.listed(job, Path(e.video_path))
             self.settlement.cleanup_if_free(job.id)
             return
         self.admission.record_size(job.anime_id, e.size)

@@ -36,6 +36,10 @@ class Settlement:
         """The job's episode at its final path, whatever its extension, or None."""
         return self.effects.find_landed(job.anime_id, job.episode or 0)
 
+    def listed(self, job: ClaimedJob, path: Path) -> None:
+        """A job settled from the file at ``path``: metadata.json lists the episode."""
+        self.effects.list_in_metadata(job, path)
+
     def target(self, job: ClaimedJob, ext: str) -> Path:
         return layout.episode_path(self.storage_dir, job.anime_id, job.episode or 0, ext)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from shared import layout
 from shared.protocol import JobAssign
-from services.worker import metadata
+from shared import metadata
 
 AT_FDCWD = -100
 RENAME_NOREPLACE = 1

@@ -22,6 +22,7 @@ class FakeEffects:
         self.private: dict[Path, int | None] = {}  # private directory -> job id
         self.locked: set[int] = set()  # job ids whose private directory an attempt holds
         self.removed: list[Path] = []
+        self.listed: list[tuple[int, Path]] = []  # settled episodes listed in metadata.json
         self.problem: str | None = None
         self.polled: list[float] = []
         self.storage_id = "fake-storage-id"
@@ -49,6 +50,9 @@ class FakeEffects:
 
     def size_of(self, path: Path) -> int | None:
         return self.files.get(path)
+
+    def list_in_metadata(self, job, path: Path) -> None:
+        self.listed.append((job.id, path))
 
     def remove_private_dir(self, job_id: int, unless_locked: bool = False) -> None:
         if unless_locked and job_id in self.locked:

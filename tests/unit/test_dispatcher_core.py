@@ -7,6 +7,7 @@ hands ``handle(identity, msg, now)`` and ``tick(now)`` the time it wants.
 
 from __future__ import annotations
 
+import json
 import fcntl
 import os
 import random
@@ -488,6 +489,9 @@ def test_a_queued_job_whose_file_exists_is_settled_not_downloaded(rig: Rig) -> N
     path.write_bytes(b"x" * 10)
     assert assigns(rig.ready(A, 0.0)) == []
     assert (rig.row(1)["stage"], rig.row(1)["video_path"]) == ("downloaded", str(path))
+    # its worker stopped between the link and metadata.json: the dispatcher lists it
+    listed = json.loads(layout.metadata_path(rig.config.storage_dir, 7).read_text())
+    assert listed["episodes"]["3"]["file"] == "ep003.mkv", listed
 
 
 # --- invalid rows --------------------------------------------------------------
