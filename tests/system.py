@@ -279,6 +279,21 @@ class System(Layout):
         finally:
             conn.close()
 
+    def status_json(self) -> dict | None:
+        """``anime-status --json``: the document (one object on one line), or None while
+        nothing answers."""
+        result = self.run("anime-status", "-c", str(self.config_path), "--json", timeout=20)
+        if result.returncode != 0:
+            return None
+        assert result.stdout.count("\n") == 1, "--json prints one object on one line"
+        return json.loads(result.stdout)
+
+    def status_text(self) -> str:
+        """``anime-status``'s text, which must be an answer of the dispatcher."""
+        result = self.run("anime-status", "-c", str(self.config_path), timeout=20)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
     def stages(self) -> dict[str, int]:
         return dict(self.query("SELECT stage, COUNT(*) FROM jobs GROUP BY stage"))
 

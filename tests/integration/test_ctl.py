@@ -34,17 +34,6 @@ def ok(system: System, *args: str) -> str:
     return result.stdout.strip()
 
 
-def status_json(system: System) -> dict | None:
-    result = system.run("anime-status", "-c", str(system.config_path), "--json", timeout=20)
-    return json.loads(result.stdout) if result.returncode == 0 else None
-
-
-def status_text(system: System) -> str:
-    result = system.run("anime-status", "-c", str(system.config_path), timeout=20)
-    assert result.returncode == 0, result.stderr
-    return result.stdout
-
-
 def job(system: System, job_id: int) -> dict:
     return next(j for j in system.jobs() if j["id"] == job_id)
 
@@ -52,7 +41,7 @@ def job(system: System, job_id: int) -> dict:
 def downloading(system: System, job_id: int, attempt: int):
     """The status of a moment where ``job_id``'s ``attempt`` is downloading and has written."""
     def seen():
-        status = status_json(system)
+        status = system.status_json()
         for w in (status or {}).get("workers", []):
             j = w.get("job")
             if j and j["id"] == job_id and j["attempt"] == attempt and (j["bytes"] or 0) > 0:
@@ -68,14 +57,14 @@ def kill_dispatcher(system: System) -> None:
 
     def back():
         info = system.process_info("dispatcher")
-        status = status_json(system) if info["pid"] not in (0, old) else None
+        status = system.status_json() if info["pid"] not in (0, old) else None
         return status if status and status["dispatcher"]["pid"] == info["pid"] else None
     return wait_for(back, 30, "the dispatcher to be restarted after kill -9")
 
 
 def workers_paused(system: System, count: int):
     def paused():
-        status = status_json(system)
+        status = system.status_json()
         workers = (status or {}).get("workers", [])
         if len(workers) == count and all(w["state"] == "paused" for w in workers):
             return status
@@ -107,7 +96,7 @@ def test_a_manual_pause_holds_across_a_kill_9_and_ends_by_itself(make_system):
     assert status["pause"]["paused"] and status["pause"]["by"] == "anime-ctl"
     assert status["pause"]["until"] is None
     assert status["disk"]["refusal"] == "paused by the operator"
-    assert "paused     by the operator since" in status_text(system)
+    assert "paused     by the operator since" in system.status_text()
     kill_dispatcher(system)
     status = workers_paused(system, 2)  # the new dispatcher heard both and started nothing
     assert status["pause"]["paused"] and status["queue"]["queued"] == 2
@@ -122,7 +111,7 @@ def test_a_manual_pause_holds_across_a_kill_9_and_ends_by_itself(make_system):
     log = system.log("dispatcher")
     assert "paused by the operator source=anime-ctl" in log
     assert "manual pause over: resuming" in log
-    assert not status_json(system)["pause"]["paused"]
+    assert not system.status_json()["pause"]["paused"]
     assert system.query("SELECT COUNT(*) FROM downloader_state") == [(0,)]
 
 
@@ -161,10 +150,10 @@ def test_each_command_against_the_running_system(make_system):
         f"MAL ID {RUSH}: 2 jobs at priority high (10)"
     assert system.query("SELECT id, priority FROM jobs WHERE priority != 0") == [(5, 10), (6, 10)]
     assert ok(system, "priority", "--job", "2", "-5") == "job 2: 1 job at priority -5"
-    status = status_json(system)
+    status = system.status_json()
     assert status["queue"]["priorities"][0] == {"anime_id": RUSH, "anime_title": "Rush Show",
                                                 "priority": 10, "jobs": 2}
-    assert "priority: Rush Show high (2 to do), Slow Show -5 (1 to do)" in status_text(system)
+    assert "priority: Rush Show high (2 to do), Slow Show -5 (1 to do)" in system.status_text()
     assert ok(system, "cancel", "--job", "3").startswith("cancelled job 3 (Slow Show ep 3")
     assert job(system, 3)["stage"] == "cancelled"
     for args, words in [(("cancel", "--job", "999"), "no job 999 in the database"),
@@ -190,9 +179,9 @@ def test_each_command_against_the_running_system(make_system):
     assert job(system, 1)["retry_count"] == 0
     runs = [r for r in system.sim_runs() if r["query"] == "Slow Show" and r["episode"] == 1]
     assert [r["rate_limit_bps"] for r in runs] == [None, None, 10_000_000]
-    status = status_json(system)
+    status = system.status_json()
     assert status["bandwidth"]["total_mbps"] == 80 and status["bandwidth"]["changed"]
-    assert "bandwidth  80 Mbps (config.toml: unlimited) until a restart" in status_text(system)
+    assert "bandwidth  80 Mbps (config.toml: unlimited) until a restart" in system.status_text()
 
     # cancel a running download: its process group is killed, its partial files deleted.
     pid = runs[-1]["pid"]
@@ -228,7 +217,7 @@ def test_each_command_against_the_running_system(make_system):
     assert status["queue"]["cancelled"] == 2
     assert system.stages() == {"downloaded": 4, "cancelled": 2}
     assert len([r for r in system.sim_runs() if r["query"] == "Slow Show" and r["episode"] == 1]) == 3
-    assert "2 cancelled" in status_text(system)
+    assert "2 cancelled" in system.status_text()
     for action in ("paused by the operator", "priority set by the operator", "cancelled",
                    "bandwidth changed by the operator", "resumed by the operator"):
         assert any(action in line and "source=anime-ctl" in line for line in log.splitlines()), action

@@ -12,7 +12,6 @@ says what the site lists), the SQLite file, ``anime-status``.
 
 from __future__ import annotations
 
-import json
 import socket
 
 from shared.failures import NOT_RELEASED
@@ -20,17 +19,6 @@ from tests.system import System, wait_for
 
 RECHECK_HOURS = 0.002  # 7.2 s: float hours, small enough for a test
 RED = "\u001b[2K\r\u001b[1;31m{}\u001b[0m"  # ani-cli's die() line
-
-
-def status_json(system: System) -> dict | None:
-    result = system.run("anime-status", "-c", str(system.config_path), "--json", timeout=20)
-    return json.loads(result.stdout) if result.returncode == 0 else None
-
-
-def status_text(system: System) -> str:
-    result = system.run("anime-status", "-c", str(system.config_path), timeout=20)
-    assert result.returncode == 0, result.stderr
-    return result.stdout
 
 
 def row(system: System, job_id: int) -> dict:
@@ -61,16 +49,16 @@ def test_an_unreleased_episode_waits_without_using_up_retries_then_lands(make_sy
     wait_for(lambda: any("failure_class=not_released" in system.log(f"worker_{n:02d}")
                          for n in (1, 2)), 10, "a worker to log the class")
     status = wait_for(lambda: (lambda s: s if s and s["queue"]["waiting_for_release"] == 1
-                               else None)(status_json(system)), 10, "the status to count it")
+                               else None)(system.status_json()), 10, "the status to count it")
     assert status["queue"]["next_recheck_at"] == first["next_attempt_at"]
     assert status["failure_classes"]["last_hour"][NOT_RELEASED] >= 1
-    assert "1 waits for a release (next re-check" in status_text(system)
+    assert "1 waits for a release (next re-check" in system.status_text()
 
     # The wait is in the database: a dispatcher killed meanwhile comes back to it.
     pid = status["dispatcher"]["pid"]
     assert system.supervisorctl("signal", "KILL", "dispatcher").returncode == 0
     again = wait_for(lambda: (lambda s: s if s and s["dispatcher"]["pid"] != pid
-                              and s["queue"]["counted_at"] else None)(status_json(system)),
+                              and s["queue"]["counted_at"] else None)(system.status_json()),
                      30, "the restarted dispatcher to answer")
     kept = row(system, 3)
     assert (kept["stage"], kept["retry_count"], kept["unreleased_since"]) == \
@@ -121,14 +109,14 @@ def test_selection_failures_fail_with_a_stable_message_and_are_listed_for_a_revi
     assert (flaky["stage"], flaky["retry_count"]) == ("downloaded", 1)  # transient: retried
 
     status = wait_for(lambda: (lambda s: s if s and len(s["selection_review"]) == 2 else None)(
-        status_json(system)), 10, "the review list")
+        system.status_json()), 10, "the review list")
     review = {r["anime_id"]: r for r in status["selection_review"]}
     assert (review[11]["anime_title"], review[11]["failed"]) == ("Wrong Pick", 2)
     assert (review[12]["anime_title"], review[12]["failed"]) == ("Not On The Site", 1)
     classes = status["failure_classes"]["last_hour"]
     assert (classes["selection"], classes["transient"]) == (5, 1), classes  # 2x2 + 1 attempts
     assert {f["failure_class"] for f in status["recent_failures"]} == {"selection"}
-    text = status_text(system)
+    text = system.status_text()
     assert "needs a selection review" in text
     assert "Wrong Pick (MAL ID 11, 2 failed jobs)" in text
     assert "Not On The Site (MAL ID 12, 1 failed job)" in text
@@ -149,14 +137,14 @@ def test_a_cloudflare_block_holds_back_the_next_starts_on_that_host(make_system)
     system.start_supervisord(2)
 
     status = wait_for(lambda: (lambda s: s if s and s["failure_classes"]["cloudflare_holds"]
-                               else None)(status_json(system)), 20, "the host to be held")
+                               else None)(system.status_json()), 20, "the host to be held")
     hold = status["failure_classes"]["cloudflare_holds"][0]
     assert hold["host"] == socket.gethostname() and hold["blocks"] == 1
     # More work comes while the host is held: both workers are idle, neither gets it.
     system.enqueue(600, "Blocked Show", [2, 3], selected_index=1, max_retries=1)
     status = wait_for(lambda: (lambda s: s if s and sum(
         s["queue"][k] for k in ("queued", "downloading", "downloaded")) == 3 else None)(
-        status_json(system)), 10, "the new jobs to be counted")
+        system.status_json()), 10, "the new jobs to be counted")
     if status["generated_at"] < hold["until"] and status["queue"]["queued"] == 3:
         assert [w["state"] for w in status["workers"]] == ["paused", "paused"], status["workers"]
     wait_for(lambda: system.stages() == {"downloaded": 3}, 40, "every episode to land")

@@ -29,14 +29,6 @@ def anime_status(system: System, *args: str, timeout: float = 20):
     return system.run("anime-status", "-c", str(system.config_path), *args, timeout=timeout)
 
 
-def status_json(system: System) -> dict | None:
-    result = anime_status(system, "--json")
-    if result.returncode != 0:
-        return None
-    assert result.stdout.count("\n") == 1, "--json prints one object on one line"
-    return json.loads(result.stdout)
-
-
 def busy_jobs(status: dict | None) -> dict[str, dict] | None:
     """worker id -> job, when two workers download with a known percent that can still rise."""
     if status is None:
@@ -59,11 +51,11 @@ def test_status_during_and_after_a_run(make_system):
     launcher = system.start_supervisord(2)
 
     # During the run: both workers' jobs, with a percent that rises between two polls.
-    first = wait_for(lambda: busy_jobs(status_json(system)), 20, "two workers downloading")
+    first = wait_for(lambda: busy_jobs(system.status_json()), 20, "two workers downloading")
     assert {j["episode"] for j in first.values()} == {1, 2}
 
     def risen():
-        status = status_json(system)
+        status = system.status_json()
         jobs = {w["id"]: w["job"] for w in (status or {}).get("workers", []) if w["job"]}
         if all(wid in jobs and jobs[wid]["id"] == job["id"] and jobs[wid]["percent"] is not None
                and jobs[wid]["percent"] > job["percent"] for wid, job in first.items()):
@@ -99,7 +91,7 @@ def test_status_during_and_after_a_run(make_system):
              "the run to end")
 
     def settled():
-        status = status_json(system)
+        status = system.status_json()
         if status is None:
             return None
         q = status["queue"]

@@ -194,7 +194,7 @@ def test_the_buttons_pause_retry_cancel_and_resume(make_system, browser, tmp_pat
 
     answer = click(browser, "[data-ctl=pause]")
     assert answer == "paused until resumed; 1 running download finish", answer
-    status = wait_for(lambda: (s := status_of(system)) and s["pause"]["paused"] and s, 10,
+    status = wait_for(lambda: (s := system.status_json()) and s["pause"]["paused"] and s, 10,
                       "anime-status to show the operator's pause")
     assert status["pause"]["by"].startswith("anime-web")
     wait_for(lambda: header(browser)["state"] == "paused_operator", 10,
@@ -228,13 +228,6 @@ def test_the_buttons_pause_retry_cancel_and_resume(make_system, browser, tmp_pat
     answer = click(browser, "[data-ctl=bandwidth]")
     assert answer.startswith("bandwidth: mbps: must be a number"), answer
     assert js(browser, "return document.getElementById('ctl-result').dataset.ok") == "false"
-
-
-def status_of(system: System) -> dict | None:
-    import json
-
-    result = system.run("anime-status", "-c", str(system.config_path), "--json", timeout=20)
-    return json.loads(result.stdout) if result.returncode == 0 else None
 
 
 # --- a scripted dispatcher ------------------------------------------------------------
