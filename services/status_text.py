@@ -82,6 +82,8 @@ def _packed(parts: list[str], prefix: str = "") -> list[str]:
 
 
 def _queue(q: dict, now: float | None) -> list[str]:
+    if "counted_at" in q and q["counted_at"] is None:  # a dispatcher that just started
+        return [_label("queue", "not counted yet (the first count since the start runs)")]
     cancelled = f", {q['cancelled']} cancelled" if q.get("cancelled") else ""
     lines = [_label("queue", f"{q.get('queued', 0)} queued, {q.get('downloading', 0)} downloading, "
                              f"{q.get('downloaded', 0)} downloaded, {q.get('failed', 0)} failed"

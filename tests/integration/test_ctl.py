@@ -50,15 +50,17 @@ def downloading(system: System, job_id: int, attempt: int):
     return wait_for(seen, 30, f"job {job_id} attempt {attempt} to download")
 
 
-def kill_dispatcher(system: System) -> None:
-    """kill -9 the dispatcher; back when supervisord has restarted it and it answers."""
+def kill_dispatcher(system: System) -> dict:
+    """kill -9 the dispatcher; back when supervisord has restarted it and it answers with
+    its first count of the queue (the pass runs on a thread of its own: counted_at)."""
     old = system.process_info("dispatcher")["pid"]
     os.kill(old, signal.SIGKILL)
 
     def back():
         info = system.process_info("dispatcher")
         status = system.status_json() if info["pid"] not in (0, old) else None
-        return status if status and status["dispatcher"]["pid"] == info["pid"] else None
+        return status if (status and status["dispatcher"]["pid"] == info["pid"]
+                          and status["queue"]["counted_at"]) else None
     return wait_for(back, 30, "the dispatcher to be restarted after kill -9")
 
 

@@ -380,3 +380,15 @@ def test_last_hour_counts_the_databases_finish_times_from_before_the_start(tmp_p
     d.start(NOW)
     assert served(d, NOW)["last_hour"] == {"downloaded": 2, "bytes": 5000, "average_size_bytes": 2500}
     assert served(d, NOW + 1801)["last_hour"]["downloaded"] == 1  # the window moves on
+
+
+def test_a_queue_not_counted_yet_says_so_instead_of_zeros() -> None:
+    """Right after a start the first count runs on the pass's thread: counted_at null."""
+    status = {"generated_at": NOW, "queue": {"counted_at": None}, "workers": [],
+              "disk": {"state": "unknown", "usage_bytes": None, "breakdown": {}, "reserved_bytes": 0,
+                       "free_bytes": None, "pause_threshold_bytes": 9 * GB,
+                       "resume_threshold_bytes": 8 * GB, "hard_limit_bytes": 10 * GB,
+                       "refusal": "no disk state yet"},
+              "recent_failures": [], "last_hour": {"downloaded": 0, "average_size_bytes": None}}
+    text = render_text(status)
+    assert "not counted yet" in text and "0 queued" not in text, text
