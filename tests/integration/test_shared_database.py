@@ -41,12 +41,12 @@ def note(event):
         f.write(json.dumps({"event": event, "at": time.time()}) + "\n")
 for n, hold in enumerate(float(h) for h in holds.split(",")):
     while n and not os.path.exists(f"{go}.{n}"):
-        time.sleep(0.05)
+        time.sleep(0.05)  # sync-ok: the neighbour program polls for its go file
     conn.execute("BEGIN IMMEDIATE")
     note("locked")
     until = time.monotonic() + hold
     while time.monotonic() < until and not os.path.exists(f"{go}.release.{n}"):
-        time.sleep(0.05)
+        time.sleep(0.05)  # sync-ok: it holds the lock until told or its time is up
     conn.execute("COMMIT")
     note("released")
 """

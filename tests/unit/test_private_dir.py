@@ -32,7 +32,7 @@ WORKER = textwrap.dedent("""
     child = subprocess.Popen(["sleep", "60"], start_new_session=True)
     process.record_group(d.lock_fd, child.pid)
     print(child.pid, flush=True)
-    time.sleep(60)
+    time.sleep(60)  # sync-ok: a holder of the lock that the test kills
 """)
 
 

@@ -135,14 +135,18 @@ def test_long_titles_and_messages_are_cut_to_the_width() -> None:
     assert len(worker) == WIDTH and "AAA..." in worker and worker.endswith("job 17, 1:02:05")
 
 
+def knowing_nothing(queue: dict) -> dict:
+    """The document of a dispatcher that has just started: no disk state, no worker."""
+    return {"generated_at": NOW, "queue": queue, "workers": [],
+            "disk": {"state": "unknown", "usage_bytes": None, "breakdown": {}, "reserved_bytes": 0,
+                     "free_bytes": None, "pause_threshold_bytes": 9 * GB,
+                     "resume_threshold_bytes": 8 * GB, "hard_limit_bytes": 10 * GB,
+                     "refusal": "no disk state yet"},
+            "recent_failures": [], "last_hour": {"downloaded": 0, "average_size_bytes": None}}
+
+
 def test_a_dispatcher_that_knows_nothing_yet_renders() -> None:
-    status = {"generated_at": NOW, "queue": {}, "workers": [],
-              "disk": {"state": "unknown", "usage_bytes": None, "breakdown": {}, "reserved_bytes": 0,
-                       "free_bytes": None, "pause_threshold_bytes": 9 * GB,
-                       "resume_threshold_bytes": 8 * GB, "hard_limit_bytes": 10 * GB,
-                       "refusal": "no disk state yet"},
-              "recent_failures": [], "last_hour": {"downloaded": 0, "average_size_bytes": None}}
-    text = render_text(status)
+    text = render_text(knowing_nothing({}))
     assert "0 queued, 0 downloading, 0 downloaded, 0 failed" in text
     assert "0 connected" in text
     assert "unknown" in text and "? of 10.0 GB hard limit" in text
@@ -384,11 +388,5 @@ def test_last_hour_counts_the_databases_finish_times_from_before_the_start(tmp_p
 
 def test_a_queue_not_counted_yet_says_so_instead_of_zeros() -> None:
     """Right after a start the first count runs on the pass's thread: counted_at null."""
-    status = {"generated_at": NOW, "queue": {"counted_at": None}, "workers": [],
-              "disk": {"state": "unknown", "usage_bytes": None, "breakdown": {}, "reserved_bytes": 0,
-                       "free_bytes": None, "pause_threshold_bytes": 9 * GB,
-                       "resume_threshold_bytes": 8 * GB, "hard_limit_bytes": 10 * GB,
-                       "refusal": "no disk state yet"},
-              "recent_failures": [], "last_hour": {"downloaded": 0, "average_size_bytes": None}}
-    text = render_text(status)
+    text = render_text(knowing_nothing({"counted_at": None}))
     assert "not counted yet" in text and "0 queued" not in text, text
