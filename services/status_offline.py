@@ -19,7 +19,7 @@ from shared.reasons import top_reasons
 from services.status_text import render_queue_from_database
 
 BUSY_SECONDS = 1.0
-OWN_STAGES = ("queued", "downloading", "downloaded", "failed")
+OWN_STAGES = ("queued", "downloading", "downloaded", "failed", "cancelled")  # shared.models'
 
 
 class Unreadable(Exception):
@@ -46,9 +46,12 @@ def read_queue(db_path: Path, now: float, busy_seconds: float = BUSY_SECONDS) ->
             "SELECT COUNT(*) FROM jobs j LEFT JOIN anime_selection_cache s ON s.mal_id = j.anime_id "
             "WHERE j.stage = 'queued' AND s.mal_id IS NULL").fetchone()
         backing_off, soonest, reasons = 0, None, []
-        if "next_attempt_at" in _columns(conn):  # an upstream database may not have it yet
+        columns = _columns(conn)
+        if "next_attempt_at" in columns:  # an upstream database may not have it yet
+            # a wait for an episode's release is not a backoff (docs/failures.md)
+            release = " AND j.unreleased_since IS NULL" if "unreleased_since" in columns else ""
             backing = ("FROM jobs j JOIN anime_selection_cache s ON s.mal_id = j.anime_id "
-                       "WHERE j.stage = 'queued' AND j.next_attempt_at > ?")
+                       f"WHERE j.stage = 'queued' AND j.next_attempt_at > ?{release}")
             backing_off, soonest = conn.execute(
                 f"SELECT COUNT(*), MIN(j.next_attempt_at) {backing}", (now,)).fetchone()
             if backing_off:
@@ -64,6 +67,7 @@ def read_queue(db_path: Path, now: float, busy_seconds: float = BUSY_SECONDS) ->
         conn.close()
     return {"queued": stages.get("queued", 0), "downloading": stages.get("downloading", 0),
             "downloaded": stages.get("downloaded", 0), "failed": stages.get("failed", 0),
+            "cancelled": stages.get("cancelled", 0),
             "waiting_for_selection": waiting or 0, "backing_off": backing_off or 0,
             "next_retry_at": soonest, "backoff_reasons": reasons,
             "other_stages": {k: v for k, v in stages.items() if k not in OWN_STAGES},

@@ -329,6 +329,7 @@ class Controls:
         what = f"MAL ID {msg.anime_id}" if msg.anime_id is not None else f"job {msg.job_id}"
         if not changed:
             return _fail(NOT_FOUND, f"no job of {what} in the database")
+        self.counts.changed()  # queue.by_anime shows priorities: only a pass reads them
         self._read_priorities(now)
         name = priority_name(msg.priority)
         log.warning(kv("priority set by the operator", source=msg.source, anime_id=msg.anime_id,

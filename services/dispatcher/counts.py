@@ -273,13 +273,16 @@ class QueueCounts:
 
     def current(self, db: Database, now: float) -> bool:
         """Whether the counts are up to date now: a pass has been collected, none runs,
-        and nothing another program committed is unseen (our own writes are counted as
-        they commit). Begins a pass if one is needed."""
+        nothing another program committed is unseen, and none of our writes changed what
+        only a pass can tell (the stage counts follow our writes as they commit, but
+        ``runnable`` does not: a cancelled job may never have been runnable, a revived
+        one may have no selection). Begins a pass if one is needed."""
         if not self.refresh(db, now):
             return False
-        if self.counted_at <= -1e18 or self._external:
+        if self.counted_at <= -1e18 or self._external or self._dirty:
             self.refresh(db, now, force=True)
-        return self.counted_at > -1e18 and not self.passes.running and not self._external
+        return (self.counted_at > -1e18 and not self.passes.running and not self._external
+                and not self._dirty)
 
     def collect(self) -> None:
         """Take a finished pass, if any (a status request shows it at once)."""

@@ -203,7 +203,7 @@ class Endings:
     def _unreleased(self, lease: Lease, stage: str | None, ctx: dict, now: float) -> None:
         assert lease.ending is not None
         if stage == STAGE_FAILED:
-            error = f"{lease.ending.error}\n{self.retries.gave_up_note()}"  # as retries.py writes it
+            error = f"{lease.ending.error or ''}\n{self.retries.gave_up_note()}"  # as retries.py writes it
             self._record_failure(lease, error, failures.NOT_RELEASED, now)
             self.settlement.cleanup(lease.job.id)
             log.error(kv("failed: the episode was never released", error=error, **ctx))

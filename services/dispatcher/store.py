@@ -598,7 +598,7 @@ def queue_detail(execute: Execute, now: float, anime_id: int | None = None) -> d
             "runnable": (queued or 0) - (waiting or 0) - unreleased,
             "backoff_reasons": backoff_reasons(execute, now, anime_id) if backing_off else [],
             "waiting_for_release": unreleased, "next_recheck_at": recheck,
-            "by_anime": by_anime(execute, anime_id)}
+            "by_anime": by_anime(execute, now, anime_id)}
 
 
 def backoff_reasons(execute: Execute, now: float, anime_id: int | None = None) -> list[dict]:
@@ -619,11 +619,12 @@ def backoff_reasons(execute: Execute, now: float, anime_id: int | None = None) -
 BY_ANIME_KEPT = 50  # rows of queue.by_anime: the busiest series
 
 
-def by_anime(execute: Execute, anime_id: int | None = None,
+def by_anime(execute: Execute, now: float, anime_id: int | None = None,
              limit: int = BY_ANIME_KEPT) -> list[dict]:
     """The series with work left or failures, busiest first (downloading, then the
     highest priority of what is left, then failed, then queued): their jobs by stage and
-    that priority, and how many of its queued jobs wait for their episode's release.
+    that priority, and how many of its queued jobs wait for their episode's release (a
+    re-check still ahead, as queue.waiting_for_release counts them).
     One walk of idx_jobs_anime_claim (anime_id, stage, priority: it covers the query, no
     table row is read), then per row shown its title and its queued rows' release waits."""
     where, params = ("WHERE anime_id = ?", [anime_id]) if anime_id is not None else ("", [])
@@ -640,7 +641,7 @@ def by_anime(execute: Execute, anime_id: int | None = None,
                         [mal_id]).fetchone()
         (waiting,) = execute(  # that series' queued rows only (the index's anime_id, stage)
             "SELECT COUNT(*) FROM jobs WHERE anime_id = ? AND stage = 'queued' "
-            "AND unreleased_since IS NOT NULL", [mal_id]).fetchone()
+            "AND unreleased_since IS NOT NULL AND next_attempt_at > ?", [mal_id, now]).fetchone()
         out.append({"anime_id": mal_id, "anime_title": title[0] if title else None,
                     "queued": queued, "downloading": downloading, "downloaded": downloaded,
                     "failed": failed, "waiting_release": waiting, "priority": priority or 0})

@@ -12,6 +12,7 @@ import pytest
 
 from services.dispatcher.controls import RESTART_HOLD_SECONDS, ManualPause
 from services.dispatcher.core import Dispatcher
+from services.enqueue import enqueue
 from shared.protocol import (ControlBandwidth, ControlCancel, ControlPause, ControlPriority,
                              ControlReply, ControlResume, ControlRetry, JobAssign, JobCancel,
                              JobHeartbeat, JobLanded)
@@ -243,3 +244,34 @@ def test_controls_in_a_dry_run_or_before_start_change_nothing(tmp_path: Path) ->
     reply, _ = rig.d.control(ControlResume(source=SRC), 1.0)
     assert not reply.ok and reply.message.startswith("dry run")
     rig.d.store.close()
+
+
+def test_cancelling_a_job_that_was_never_runnable_does_not_end_the_run_early(
+        rig: SharedRig) -> None:
+    """--exit-when-done: a job backing off still counts as work left after the operator
+    cancels another that could never run (no selection); ``runnable`` is a pass's to
+    tell, not a sum of our own moves."""
+    rig.enqueue(5114, [1])
+    enqueue(rig.config.db_path, 9999, "No Selection", [1], 3, None)  # job 2: never runnable
+    conn = sqlite3.connect(rig.config.db_path)
+    with conn:  # job 1 backs off (a neighbour's view: the next pass sees it)
+        conn.execute("UPDATE jobs SET next_attempt_at = 1000.0, retry_count = 1 WHERE id = 1")
+    conn.close()
+    rig.tick(1.0)  # the pass that sees it
+    assert rig.d.counts.current(rig.d.db, 1.1) and not rig.d.done(1.1)
+    # within the second that passes are rate-limited to
+    assert control(rig, ControlCancel(source=SRC, job_id=2), 1.3)[0].ok
+    assert not rig.d.done(1.5), "done while job 1 still waits for its retry"
+    assert status(rig.d, 1.6)["queue"]["backing_off"] == 1
+
+
+def test_a_priority_set_by_the_operator_shows_in_the_queue_by_anime_at_the_next_pass(
+        rig: SharedRig) -> None:
+    rig.enqueue(5114, [1, 2])
+    rig.tick(1.0)
+    assert [(r["anime_id"], r["priority"]) for r in status(rig.d, 2.0)["queue"]["by_anime"]] == \
+        [(5114, 0)]
+    assert control(rig, ControlPriority(source=SRC, anime_id=5114, priority=10), 3.0)[0].ok
+    rig.tick(5.0)  # a pass after the operator's write (rate-limited to one a second)
+    assert [(r["anime_id"], r["priority"]) for r in status(rig.d, 6.0)["queue"]["by_anime"]] == \
+        [(5114, 10)]

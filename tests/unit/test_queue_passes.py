@@ -173,15 +173,15 @@ def test_the_queue_by_anime_counts_each_series_busiest_first(tmp_path: Path) -> 
     store.open()  # the dispatcher's columns (priority) and indexes
     with store.db.atomic():
         store.db.execute_sql("UPDATE jobs SET priority = 10 WHERE anime_id = 9999")
-        store.db.execute_sql("UPDATE jobs SET unreleased_since = 1, next_attempt_at = 2 "
+        store.db.execute_sql("UPDATE jobs SET unreleased_since = 1, next_attempt_at = 2e9 "
                              "WHERE anime_id = 40 AND episode = 3")
-    rows = by_anime(conn.execute)
+    rows = by_anime(conn.execute, NOW)
     assert [r["anime_id"] for r in rows] == [5114, 9999, 40]
     assert rows[0] == {"anime_id": 5114, "anime_title": "Show", "queued": 2, "downloading": 1,
                        "downloaded": 1, "failed": 0, "waiting_release": 0, "priority": 0}
     assert rows[1]["priority"] == 10 and rows[1]["queued"] == 2
     assert (rows[2]["failed"], rows[2]["queued"], rows[2]["waiting_release"],
             rows[2]["anime_title"]) == (1, 2, 1, "Failing Show")
-    assert [r["anime_id"] for r in by_anime(conn.execute, anime_id=40)] == [40]
-    assert len(by_anime(conn.execute, limit=1)) == 1
+    assert [r["anime_id"] for r in by_anime(conn.execute, NOW, anime_id=40)] == [40]
+    assert len(by_anime(conn.execute, NOW, limit=1)) == 1
     conn.close()
