@@ -290,11 +290,13 @@ class SqlJobStore:
                 "error_message = COALESCE(?, error_message), lease_owner = NULL, "
                 "lease_deadline = NULL, next_attempt_at = ?, finished_at = ?, "
                 "failure_class = COALESCE(?, failure_class), "
-                "unreleased_since = CASE WHEN ? IS NULL THEN unreleased_since END "
+                # a counted failure of any kind got past the site's listing: the wait for
+                # the episode's release is over (an uncounted stop leaves it as it was)
+                "unreleased_since = CASE WHEN ? IS NULL AND NOT ? THEN unreleased_since END "
                 "WHERE id = ? AND attempt = ? AND stage = ?",
                 [stage, retry_count, error, next_attempt_at,
                  now if stage == STAGE_FAILED else None, failure_class, failure_class,
-                 job_id, attempt, STAGE_DOWNLOADING])
+                 count_retry, job_id, attempt, STAGE_DOWNLOADING])
         self._moved(STAGE_DOWNLOADING, stage)
         return stage
 
