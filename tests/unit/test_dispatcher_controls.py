@@ -34,15 +34,6 @@ def control(rig: Rig, msg, now: float) -> tuple[ControlReply, list]:
     return rig.d.control(msg, now)
 
 
-def row(rig: Rig, job_id: int) -> dict:
-    conn = sqlite3.connect(rig.config.db_path)
-    conn.row_factory = sqlite3.Row
-    try:
-        return dict(conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
-    finally:
-        conn.close()
-
-
 def running(rig: Rig, identity: bytes, now: float) -> JobAssign:
     job = only_assign(rig.ready(identity, now), identity)
     rig.beat(identity, job, now + 0.1)
@@ -101,20 +92,20 @@ def test_pause_now_requeues_running_downloads_without_a_retry_once_written(rig: 
     reply, out = control(rig, ControlPause(source=SRC, now=True), 2.0)
     assert reply.ok and "2 running downloads interrupted" in reply.message
     assert of_type(out, JobCancel) == []  # nothing is said before it is written
-    assert row(rig, a.job_id)["stage"] == "downloading"
+    assert rig.row(a.job_id)["stage"] == "downloading"
     rig.store.fail.clear()
     out = rig.tick(3.0)
     cancels = {m.job_id: m for m in of_type(out, JobCancel)}
     assert set(cancels) == {a.job_id, b.job_id}
     assert all(m.keep_partials and "pause --now" in m.reason for m in cancels.values())
     for job in (a, b):
-        r = row(rig, job.job_id)
+        r = rig.row(job.job_id)
         assert (r["stage"], r["retry_count"], r["attempt"], r["next_attempt_at"]) == ("queued", 0, 1, None)
     assert assigns(rig.ready(A, 4.0)) == []  # paused
     # A heartbeat of a stopped attempt, sent before the worker heard: no re-adoption.
     out = rig.beat(B, b, 4.5)
     assert [m.reason for m in of_type(out, JobCancel)] == ["lease lost"]
-    assert row(rig, b.job_id)["stage"] == "queued" and b.job_id not in rig.d.leases
+    assert rig.row(b.job_id)["stage"] == "queued" and b.job_id not in rig.d.leases
 
 
 def test_a_cancelled_job_never_comes_back(rig: SharedRig) -> None:
@@ -124,7 +115,7 @@ def test_a_cancelled_job_never_comes_back(rig: SharedRig) -> None:
     assert reply.ok and reply.result["stage"] == "cancelled"
     (cancel,) = of_type(out, JobCancel)
     assert (cancel.job_id, cancel.attempt, cancel.keep_partials) == (job.job_id, 1, False)
-    assert row(rig, job.job_id)["stage"] == "cancelled" and job.job_id not in rig.d.leases
+    assert rig.row(job.job_id)["stage"] == "cancelled" and job.job_id not in rig.d.leases
     # The old attempt's heartbeat and its late landing: refused, the row stays cancelled.
     out = rig.beat(A, job, 3.0)
     assert [m.reason for m in of_type(out, JobCancel)] == ["lease lost"]
@@ -138,7 +129,7 @@ def test_a_cancelled_job_never_comes_back(rig: SharedRig) -> None:
     assert reply.message.startswith(f"not retried: job {min(job.job_id, other)} is cancelled")
     rig.new_dispatcher(6.0)
     assert assigns(rig.ready(B, 7.0)) == [] and assigns(rig.tick(8.0)) == []
-    assert {row(rig, i)["stage"] for i in (1, 2)} == {"cancelled"}
+    assert {rig.row(i)["stage"] for i in (1, 2)} == {"cancelled"}
     assert status(rig.d, 8.0)["queue"]["cancelled"] == 2
 
 
@@ -160,8 +151,8 @@ def test_retry_brings_failed_jobs_back_and_ends_backoffs(tmp_path: Path) -> None
     second = running(rig, B, 1.0)
     rig.failed(A, first, "error", 2.0)
     rig.failed(B, second, "error", 2.0)
-    assert row(rig, first.job_id)["stage"] == "failed"
-    assert row(rig, second.job_id)["next_attempt_at"] > 2.0 + 400  # backing off
+    assert rig.row(first.job_id)["stage"] == "failed"
+    assert rig.row(second.job_id)["next_attempt_at"] > 2.0 + 400  # backing off
     assert assigns(rig.ready(A, 2.5) + rig.ready(B, 2.5)) == []  # idle: nothing runnable
     reply, out = rig.d.control(ControlRetry(source=SRC, failed=True), 3.0)
     assert reply.ok and reply.message == "1 failed job back in the queue, 1 backing off retried now"
@@ -169,7 +160,7 @@ def test_retry_brings_failed_jobs_back_and_ends_backoffs(tmp_path: Path) -> None
     handed = {m.job_id: m for m in assigns(out)}  # both workers' credits are used at once
     assert set(handed) == {first.job_id, second.job_id}
     assert handed[first.job_id].retry_count == 0 and handed[first.job_id].attempt == 2
-    r = row(rig, first.job_id)
+    r = rig.row(first.job_id)
     assert (r["stage"], r["retry_count"], r["error_message"]) == ("downloading", 0, None)
     rig.d.store.close()
 
@@ -201,7 +192,7 @@ def test_a_new_bandwidth_restarts_running_downloads_at_the_new_rate(rig: SharedR
     assert reply.result["per_download_bps"] == 1_000_000
     (cancel,) = of_type(out, JobCancel)
     assert cancel.keep_partials and "bandwidth" in cancel.reason
-    r = row(rig, job.job_id)
+    r = rig.row(job.job_id)
     assert (r["stage"], r["retry_count"]) == ("queued", 0)
     assert assigns(rig.ready(A, 2.1, seq=5)) == []  # held while the old attempt lets go
     again = only_assign(rig.tick(2.0 + RESTART_HOLD_SECONDS + 1.5), A)
