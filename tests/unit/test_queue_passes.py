@@ -63,6 +63,13 @@ def passes_over(path: Path) -> Iterator[tuple[SqlJobStore, HeldReader, QueueCoun
         store.close()
 
 
+def first_pass(reader: HeldReader, counts: QueueCounts, db: Database) -> None:
+    """Let a pass run now and wait until it is collected."""
+    reader.go.set()
+    counts.refresh(db, NOW, force=True)
+    wait_collected(counts, db, NOW)
+
+
 def wait_collected(counts: QueueCounts, db: Database, now: float) -> None:
     done = threading.Event()
     for _ in range(1000):
@@ -77,9 +84,7 @@ def wait_collected(counts: QueueCounts, db: Database, now: float) -> None:
 def test_own_writes_between_the_snapshot_and_the_pass_are_counted_once(tmp_path: Path) -> None:
     path = database(tmp_path, 20)
     with passes_over(path) as (store, reader, counts, db):
-        reader.go.set()
-        counts.refresh(db, NOW, force=True)
-        wait_collected(counts, db, NOW)
+        first_pass(reader, counts, db)
         assert counts.stage_counts() == truth(path) == {"queued": 22}
         assert counts.queue_detail()["runnable"] == 20
         reader.go.clear()
@@ -105,9 +110,7 @@ def test_own_writes_between_the_snapshot_and_the_pass_are_counted_once(tmp_path:
 def test_a_neighbours_commit_is_counted_by_the_next_pass(tmp_path: Path) -> None:
     path = database(tmp_path, 5)
     with passes_over(path) as (store, reader, counts, db):
-        reader.go.set()
-        counts.refresh(db, NOW, force=True)
-        wait_collected(counts, db, NOW)
+        first_pass(reader, counts, db)
         job = store.claim_next("w1/s", NOW + 60, NOW)
         neighbour = sqlite3.connect(path, isolation_level=None)
         neighbour.execute("INSERT INTO jobs (anime_id, anime_title, episode) VALUES (5114, 'Show', 99)")
@@ -136,9 +139,7 @@ def test_a_pass_runs_off_the_calling_thread(tmp_path: Path) -> None:
 def test_our_own_failure_is_in_the_recent_failures_at_once_and_after_the_pass(tmp_path: Path) -> None:
     path = database(tmp_path, 3)
     with passes_over(path) as (store, reader, counts, db):
-        reader.go.set()
-        counts.refresh(db, NOW, force=True)
-        wait_collected(counts, db, NOW)
+        first_pass(reader, counts, db)
         reader.go.clear()
         store.changed_elsewhere()
         counts.refresh(db, NOW + 10, force=True)  # a pass pinned before the failure
