@@ -17,7 +17,7 @@ import sys
 from services.controls import PRIORITY_NAMES, BadArgument, parse, request
 from services.status import NoAnswer, ask
 from shared.config import ConfigError
-from shared.lifecycle import config_or_exit
+from shared.config import config_or_exit
 from shared.protocol import ControlReply
 from shared.sockets import Sockets
 

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from shared.lifecycle import config_or_exit
+from shared.config import config_or_exit
 from shared.models import CONTRACT_DDL
 
 CONFIDENCES = ("high", "medium", "low")

@@ -43,7 +43,8 @@ from pathlib import Path
 from typing import TextIO
 
 from shared.config import Config
-from shared.lifecycle import StopRequest, config_or_exit, die_with_parent, load_prctl
+from shared.lifecycle import StopRequest, die_with_parent, load_prctl
+from shared.config import config_or_exit
 from shared.singleton import AlreadyRunning, hold_lock, lock_holder
 from shared.storage import identify_or_exit
 

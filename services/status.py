@@ -36,7 +36,7 @@ def _import_msgspec_lean() -> None:
 _import_msgspec_lean()
 
 from shared.config import Config, ConfigError  # noqa: E402
-from shared.lifecycle import config_or_exit  # noqa: E402
+from shared.config import config_or_exit  # noqa: E402
 from shared.protocol import (Message, ProtocolError, StatusReply, StatusRequest, decode,  # noqa: E402
                              encode)
 from shared.sockets import Sockets  # noqa: E402

@@ -18,6 +18,7 @@ GB means 10**9 bytes, MB 10**6.
 from __future__ import annotations
 
 import ipaddress
+import sys
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -389,3 +390,12 @@ def load_config(path: str | Path) -> Config:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     return parse_config(path, raw)
+
+
+def config_or_exit(prog: str, path: str | Path) -> Config:
+    """load_config for the command-line tools: a bad config is one line and exit 2."""
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -12,7 +12,6 @@ a failed handshake) is logged at most once a minute, with a count.
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 import time
@@ -20,9 +19,9 @@ from pathlib import Path
 
 import zmq
 
-from shared.lifecycle import kv
+from shared.logfmt import kv, lazy_logger
 
-log = logging.getLogger(__name__)
+log = lazy_logger(__name__)  # no logging import until it logs: shared/logfmt.py
 REFUSAL_REPEAT_SECONDS = 60.0
 
 
@@ -82,6 +81,8 @@ class AuthorizedKeys:
 
 
 def authenticator_class():
+    import logging
+
     from zmq.auth.thread import ThreadAuthenticator  # only servers with CURVE pay for it
 
     class Authenticator(ThreadAuthenticator):

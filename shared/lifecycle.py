@@ -13,52 +13,14 @@ programs, each through its ordinary graceful stop.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
-import re
 import signal
 import sys
 import time
 from typing import Callable, Protocol
 
 DEBUG_ENV = "ANIME_DOWNLOADER_DEBUG"
-# A logfmt value is written bare unless it is empty or holds a space, '=', '"', a
-# backslash or a character that is not printable (control characters, line and
-# paragraph separators, other spaces): then it is quoted, with JSON's escapes.
-_BARE = re.compile(r'[^\s="\\]+')
-_ESCAPE = re.compile(r'[^\x20-\x7e]')
-
-
-def kv(message: str, **context: object) -> str:
-    r"""``message key=value ...`` in logfmt, as grep, lnav and Loki's logfmt parser read it.
-
-    A value that needs it is double-quoted with backslash escapes (``\"``, ``\\``,
-    ``\n``, ``\uXXXX`` for what is not printable); lists and tuples are JSON (an
-    argument list reads exactly as the program receives it), quoted like any other
-    value. None values are left out."""
-    parts = [message]
-    for key, value in context.items():
-        if value is None:
-            continue
-        if isinstance(value, (list, tuple)):
-            text = json.dumps(list(value), ensure_ascii=False)
-        else:
-            text = str(value)
-        parts.append(f"{key}={logfmt_value(text)}")
-    return " ".join(parts)
-
-
-def logfmt_value(text: str) -> str:
-    if _BARE.fullmatch(text) and text.isprintable():
-        return text
-    quoted = json.dumps(text, ensure_ascii=False)  # " \ and control characters escaped
-    if quoted.isprintable():
-        return quoted
-    return _ESCAPE.sub(lambda m: m.group() if m.group().isprintable() else
-                       json.dumps(m.group())[1:-1], quoted)
-
-
 class _UTCFormatter(logging.Formatter):
     converter = time.gmtime
 
@@ -206,14 +168,3 @@ def run_service(prog: str, build: Callable[[], Service]) -> int:
     except ConfigError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
-
-
-def config_or_exit(prog: str, path: str):
-    """load_config for the command-line tools: a bad config is one line and exit 2."""
-    from shared.config import ConfigError, load_config
-
-    try:
-        return load_config(path)
-    except ConfigError as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None

@@ -10,7 +10,6 @@ CURVE endpoint, and how refusals are logged: shared/curve.py.
 from __future__ import annotations
 
 import ipaddress
-import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,10 +19,10 @@ import zmq
 
 from shared.config import Config, ConfigError, CurveConfig
 from shared.curve import AuthorizedKeys, HandshakeWatch, Refusals, authenticator_class
-from shared.lifecycle import kv
+from shared.logfmt import kv, lazy_logger
 from shared.protocol import MAX_MESSAGE_BYTES
 
-log = logging.getLogger(__name__)
+log = lazy_logger(__name__)  # no logging import until it logs: shared/logfmt.py
 Z85_KEY_LENGTH = 40
 # Local endpoints (ipc://, loopback): a refused connect is retried after this (plus up to
 # as much again of jitter), doubling up to RECONNECT_MAX_MS while the peer stays away.

@@ -42,7 +42,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from shared.lifecycle import kv
+from shared.logfmt import kv
 
 log = logging.getLogger(__name__)
 

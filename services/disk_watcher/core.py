@@ -20,7 +20,7 @@ from typing import Callable
 
 from shared.config import MB, Config
 from shared.disk import DiskState, DiskUsage, Thresholds, next_state
-from shared.lifecycle import kv
+from shared.logfmt import kv
 from shared.protocol import DiskStateMsg, DiskUsageMsg
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,8 @@ import zmq
 from shared import layout
 from shared.config import Config
 from shared.disk import DiskMonitor, DiskState
-from shared.lifecycle import StopRequest, kv
+from shared.lifecycle import StopRequest
+from shared.logfmt import kv
 from shared.protocol import DiskMeasure, ProtocolError, decode, encode
 from shared.singleton import hold_lock
 from shared.sockets import Sockets, waiting

@@ -28,7 +28,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Callable
 
-from shared.lifecycle import kv
+from shared.logfmt import kv
 from shared.models import STAGE_CANCELLED, STAGE_FAILED, STAGE_QUEUED
 from shared.protocol import (ControlBandwidth, ControlCancel, ControlPause, ControlPriority,
                              ControlReply, ControlResume, ControlRetry, Message)

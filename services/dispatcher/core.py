@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from shared.config import Config
-from shared.lifecycle import kv
+from shared.logfmt import kv
 from shared.protocol import (DiskStateMsg, ControlReply, JobAssign, JobFailed, JobFinished,
                              JobHeartbeat, JobLanded, Message, WorkerBye, WorkerReady)
 from services.dispatcher.admission import Admission, peak_factor

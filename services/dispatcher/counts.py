@@ -34,7 +34,7 @@ import threading
 import time
 from typing import Callable, Mapping, Protocol
 
-from shared.lifecycle import kv
+from shared.logfmt import kv
 from shared.models import STAGE_DOWNLOADED, STAGE_FAILED, STAGE_QUEUED
 from services.dispatcher.db_health import Database
 from services.dispatcher.store import QueueReader, QueueTally, StoreUnavailable

@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
-from shared.lifecycle import kv
+from shared.logfmt import kv
 from services.dispatcher.store import SqlJobStore, StoreUnavailable
 
 log = logging.getLogger(__name__)

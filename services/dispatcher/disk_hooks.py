@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 
-from shared.lifecycle import kv
+from shared.logfmt import kv
 from shared.protocol import DiskMeasure, DiskStateMsg
 from services.dispatcher.admission import Admission
 

@@ -21,7 +21,7 @@ from typing import Protocol
 
 from shared import layout, metadata
 from shared.config import Config
-from shared.lifecycle import kv
+from shared.logfmt import kv
 from shared.storage import StorageWatch
 from services.dispatcher.store import ClaimedJob
 

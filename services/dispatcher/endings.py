@@ -15,7 +15,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from shared import failures
-from shared.lifecycle import kv
+from shared.logfmt import kv
 from shared.models import STAGE_DOWNLOADED, STAGE_DOWNLOADING, STAGE_FAILED, STAGE_QUEUED
 from shared.protocol import JobCancel, JobLanded, Message
 from services.dispatcher.admission import Admission

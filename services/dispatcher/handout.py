@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 
 from shared.config import Config
-from shared.lifecycle import kv
+from shared.logfmt import kv
 from shared.protocol import REASON_INVALID, JobAssign, Message
 from services.dispatcher.counts import QueueCounts
 from services.dispatcher.db_health import Database

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 
 from shared import failures
-from shared.lifecycle import kv
+from shared.logfmt import kv
 from shared.protocol import (REASON_DRY_RUN, REASON_NO_SPACE, REASON_STORAGE, JobAck,
                              JobCancel, JobCommit, JobFailed, JobFinished, JobHeartbeat,
                              JobLanded, Message)

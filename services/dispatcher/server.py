@@ -15,7 +15,8 @@ import time
 import zmq
 
 from shared.config import Config
-from shared.lifecycle import StopRequest, kv
+from shared.lifecycle import StopRequest
+from shared.logfmt import kv
 from shared.protocol import (CONTROL_REQUESTS, ControlReply, DiskStateMsg, DiskUsageMsg, Message, ProtocolError,
                              StatusReply, StatusRequest, WorkerProbe, decode, encode)
 from shared.singleton import hold_lock

@@ -17,7 +17,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from shared.lifecycle import kv
+from shared.logfmt import kv
 from shared.protocol import (JobAck, JobCancel, JobFailed, JobFinished, JobHeartbeat,
                              JobLanded, Message, WorkerReady, WorkerRefused)
 from services.dispatcher.leases import owner_worker_id

@@ -17,7 +17,7 @@ import logging
 from pathlib import Path
 
 from shared import layout
-from shared.lifecycle import kv
+from shared.logfmt import kv
 from shared.models import STAGE_DOWNLOADING, STAGE_QUEUED
 from shared.protocol import JobLanded
 from services.dispatcher.effects import Effects

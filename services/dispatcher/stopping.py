@@ -14,7 +14,7 @@ downloading (the next dispatcher re-adopts their leases).
 from __future__ import annotations
 
 import logging
-from shared.lifecycle import kv
+from shared.logfmt import kv
 from services.dispatcher.leases import Lease, LeaseTable
 from services.dispatcher.sessions import Sessions
 

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, TypeVar
 import peewee
 
 from shared import models
-from shared.lifecycle import kv
+from shared.logfmt import kv
 from shared.models import (OWN_STAGES, STAGE_CANCELLED, STAGE_DOWNLOADED, STAGE_DOWNLOADING,
                            STAGE_FAILED, STAGE_QUEUED, Job)
 from shared.reasons import top_reasons

@@ -20,7 +20,7 @@ import msgspec
 
 from services.status import NoAnswer
 from services.web.overview import overview
-from shared.lifecycle import kv
+from shared.logfmt import kv
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,8 @@ from services.web import controls as ctl
 from services.web.access import REALM, Access, Ask, RefusalLog
 from services.web.feed import StatusFeed
 from shared.config import Config, ConfigError
-from shared.lifecycle import StopRequest, kv
+from shared.lifecycle import StopRequest
+from shared.logfmt import kv
 from shared.protocol import ProtocolError, StatusReply, StatusRequest, decode, encode
 from shared.singleton import AlreadyRunning
 from shared.sockets import Sockets, waiting

@@ -21,7 +21,8 @@ import zmq
 
 from shared import storage
 from shared.config import Config
-from shared.lifecycle import StopRequest, kv
+from shared.lifecycle import StopRequest
+from shared.logfmt import kv
 from shared.protocol import DiskStateMsg, Message, ProtocolError, decode, encode
 from shared.sockets import Sockets, waiting
 from services.worker import private_dir, shims

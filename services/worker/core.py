@@ -23,7 +23,7 @@ import time
 from typing import TYPE_CHECKING, Callable
 
 from shared.config import Config
-from shared.lifecycle import kv
+from shared.logfmt import kv
 from shared.protocol import (REASON_DRY_RUN, REASON_HARD_LIMIT, REASON_INTERRUPTED, REASON_INVALID,
                              REASON_STORAGE, DiskStateMsg, JobAck, JobAssign, JobCancel, JobCommit,
                              JobFailed, Message, ProtocolError, WorkerBye, WorkerProbe, WorkerReady,

@@ -12,7 +12,7 @@ import logging
 import math
 from typing import Callable
 
-from shared.lifecycle import kv
+from shared.logfmt import kv
 from shared.protocol import DiskStateMsg
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Callable
 
 from shared import failures
 from shared.config import Config
-from shared.lifecycle import kv
+from shared.logfmt import kv
 from shared.protocol import (REASON_DRY_RUN, REASON_ERROR, REASON_HARD_LIMIT, REASON_INTERRUPTED,
                              REASON_NO_SPACE, REASON_STORAGE, REASON_TIMEOUT, JobAssign, JobFailed,
                              JobFinished, JobHeartbeat, JobLanded, Message)

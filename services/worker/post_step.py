@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from shared.config import DownloaderConfig
-from shared.lifecycle import kv
+from shared.logfmt import kv
 from services.worker import download
 from services.worker.private_dir import PrivateDir
 

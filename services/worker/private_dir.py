@@ -17,7 +17,7 @@ import stat
 from pathlib import Path
 
 from shared import layout
-from shared.lifecycle import kv
+from shared.logfmt import kv
 from services.worker import process
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ import signal
 import subprocess
 from pathlib import Path
 
-from shared.lifecycle import kv
+from shared.logfmt import kv
 
 log = logging.getLogger(__name__)
 

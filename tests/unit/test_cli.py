@@ -171,3 +171,19 @@ def test_a_stop_prints_the_summary_of_the_database(tmp_path):
     assert launcher.db_summary(db, 2) == {"downloaded": 0, "failed": 0, "still_queued": 1,
                                           "waiting_for_selection": 1}
     assert launcher.db_summary(tmp_path / "missing.db", None) is None
+
+
+def test_anime_status_loads_only_what_answering_needs(tmp_path):
+    """The probe is run every few seconds by health checks and --watch: its import set is
+    its cost (bench/status_cli.py: within 1.5x of ``python -c "import zmq"``). logging and
+    signal are the services' (shared/logfmt.py); typing_extensions brings inspect."""
+    code = ("import sys\n"
+            "from services import status\n"
+            "args = status.parse_args(['-c', sys.argv[1], '--json'])\n"
+            "status.Sockets(status.config_or_exit('anime-status', args.config)).close()\n"
+            "print(sorted(m for m in ('logging', 'signal', 'typing_extensions', 'inspect', "
+            "'sqlite3', 'shutil') if m in sys.modules))\n")
+    result = subprocess.run([sys.executable, "-c", code, str(write_config(tmp_path))], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

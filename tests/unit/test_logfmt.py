@@ -15,7 +15,7 @@ import random
 
 import pytest
 
-from shared.lifecycle import kv
+from shared.logfmt import kv
 
 _ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r",
             "t": "\t"}

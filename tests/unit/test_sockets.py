@@ -19,7 +19,7 @@ import zmq
 
 from services import keys as anime_keys
 from shared.config import IPC_PATH_MAX, ConfigError, parse_config
-from shared.lifecycle import kv
+from shared.logfmt import kv
 from shared.sockets import Sockets, is_local_endpoint
 from tests.system import BASE_CONFIG, BIN, wait_for
 
