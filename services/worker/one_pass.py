@@ -26,7 +26,7 @@ from pathlib import Path
 
 from services.worker import verify
 from services.worker.media_tools import Stopped, Stopper, file_arg, find_ffmpeg, read_tail, run_tool
-from services.worker.remux import NO_SPACE_TEXTS, RemuxError
+from services.worker.remux import RemuxError, no_space, write_failed
 from services.worker.verify import NotAVideo, VerifyTimeout, VideoInfo
 
 __all__ = ["remux_command", "verify_and_remux"]
@@ -68,34 +68,39 @@ def verify_and_remux(src: Path, dst: Path, timeout_seconds: float = 600,
             raise RemuxError(f"cannot run ffmpeg: {exc}") from None
         scan = verify.read_scan(rc, err, out)
         tail = read_tail(err, 1000)
-    if rc != 0 and _no_space(tail, scan.errors or []):
+    errors = scan.errors or []
+    failed = rc != 0 or write_failed(tail, *errors)  # some ffmpegs exit 0 with the copy cut short
+    if failed and no_space(tail, *errors):
         _unlink(dst)
         raise RemuxError(f"ffmpeg exit {rc}: {tail or 'no message'}", no_space=True)
     try:
         info = verify.judge(sniffed, None, scan)
     except NotAVideo:
         info = None
-    if info is not None and rc == 0 and _written(dst):
+    if info is not None and not failed and _written(dst):
         return info
     # Found wanting: the verify pass alone has the last word (the second read is only ever
     # paid for a file that does not land as it is).
-    if rc != 0:
+    if failed:
         _unlink(dst)
     try:
         info = verify.verify_video(src, timeout_seconds, stopper)
     except BaseException:
         _unlink(dst)
         raise
-    if rc != 0:
-        raise RemuxError(f"ffmpeg exit {rc}: {'; '.join((scan.errors or [])[-3:]) or tail or 'no message'}")
+    if failed:
+        raise RemuxError(f"ffmpeg exit {rc}: {_summary(errors) or tail or 'no message'}")
     if not _written(dst):
         _unlink(dst)
         raise RemuxError("ffmpeg produced no output")
     return info  # the remux was whole; only what it printed beside it looked wrong
 
 
-def _no_space(tail: str, errors: list[str]) -> bool:
-    return any(text in line for text in NO_SPACE_TEXTS for line in [tail, *errors])
+def _summary(errors: list[str]) -> str:
+    """ffmpeg's first error (the cause: "Subtitle codec 94213 is not supported.") and its
+    last two (what it gave up on), without the empty ones."""
+    lines = [e.strip() for e in errors if e.strip()]
+    return "; ".join(lines if len(lines) <= 3 else [lines[0], *lines[-2:]])
 
 
 def _written(path: Path) -> bool:

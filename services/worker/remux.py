@@ -14,6 +14,11 @@ from pathlib import Path
 from services.worker.media_tools import Stopped, Stopper, file_arg, find_ffmpeg, read_tail, run_tool
 
 NO_SPACE_TEXTS = ("No space left on device", "Disk quota exceeded")  # ffmpeg's strerror
+# ffmpeg's words when it could not write its output. Some ffmpeg releases exit 0 after
+# them (Debian 12's 5.1, when the disk fills while it writes the trailer: the copy is cut
+# short), so they fail a remux whatever the exit code.
+WRITE_FAILURE_TEXTS = ("Error writing trailer", "Error closing file", "av_interleaved_write_frame",
+                       "Error muxing a packet", *NO_SPACE_TEXTS)
 
 
 class RemuxError(Exception):
@@ -54,14 +59,22 @@ def remux_to_mkv(src: Path, dst: Path, timeout_seconds: float = 600,
             raise
         except OSError as exc:
             raise RemuxError(f"cannot run ffmpeg: {exc}") from None
-        if rc != 0:
+        tail = read_tail(err, 1000)
+        if rc != 0 or write_failed(tail):
             _unlink(dst)
-            tail = read_tail(err, 1000)
-            raise RemuxError(f"ffmpeg exit {rc}: {tail or 'no message'}",
-                             no_space=any(text in tail for text in NO_SPACE_TEXTS))
+            raise RemuxError(f"ffmpeg exit {rc}: {tail or 'no message'}", no_space=no_space(tail))
     if not dst.is_file() or dst.stat().st_size == 0:
         _unlink(dst)
         raise RemuxError("ffmpeg produced no output")
+
+
+def write_failed(*texts: str) -> bool:
+    """ffmpeg said it could not write (all of) its output."""
+    return any(marker in text for marker in WRITE_FAILURE_TEXTS for text in texts)
+
+
+def no_space(*texts: str) -> bool:
+    return any(marker in text for marker in NO_SPACE_TEXTS for text in texts)
 
 
 def _unlink(path: Path) -> None:
