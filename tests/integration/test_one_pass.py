@@ -6,7 +6,9 @@ verifies and remuxes what it downloaded. An ``ffmpeg`` first on every service's 
 the real one as its child and logs, per run, its arguments and the bytes that child read
 and wrote (``/proc/self/io`` of the wrapper once it has reaped its child: ``rchar`` and
 ``wchar``, the bytes of its read and write calls, whether the page cache served them or
-not). The post step's own runs are told apart from yt-dlp's by ``-protocol_whitelist file``,
+not), less what the same ffmpeg reads to start at all (``ffmpeg -version``: a dynamically
+linked build, as Debian's, reads the headers of its ~150 libraries, ~185 KB, whatever the
+episode). The post step's own runs are told apart from yt-dlp's by ``-protocol_whitelist file``,
 which only the worker passes.
 """
 
@@ -46,12 +48,16 @@ def io():
 args = sys.argv[1:]
 src = args[args.index("-i") + 1] if "-i" in args else ""
 size = os.stat(src[5:]).st_size if src.startswith("file:") and os.path.isfile(src[5:]) else None
-before = io()
-rc = subprocess.call([os.environ["ONE_PASS_REAL_FFMPEG"], *args])
-after = io()
+def child_io(argv, **kw):
+    before = io()
+    rc = subprocess.call([os.environ["ONE_PASS_REAL_FFMPEG"], *argv], **kw)
+    after = io()
+    return rc, {{k: after[k] - before[k] for k in after}}
+_, start = child_io(["-hide_banner", "-version"], stdout=subprocess.DEVNULL)
+rc, used = child_io(args)
 with open(os.environ["ONE_PASS_FFMPEG_RUNS"], "a") as fh:
-    fh.write(json.dumps({{"argv": args, "rc": rc, "input_size": size,
-                         **{{k: after[k] - before[k] for k in after}}}}) + "\\n")
+    fh.write(json.dumps({{"argv": args, "rc": rc, "input_size": size, **used,
+                         "rchar": used["rchar"] - start["rchar"]}}) + "\\n")
 sys.exit(rc if rc >= 0 else 128 - rc)
 """
 

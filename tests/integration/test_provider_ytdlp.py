@@ -196,7 +196,9 @@ def test_bogus_playlist_is_rejected(provider: Provider, env: dict[str, str], tmp
     provider.serve_bogus(slug, 1, "playlist")
     r = run_ytdlp(ani_cli_ytdlp_args(provider.episode_url(slug, 1), tmp_path, "Bogus", 1), env)
     out = tmp_path / "Bogus Episode 1.mp4"
-    assert r.returncode != 0
+    # yt-dlp fails in its fix-up, except with an ffmpeg that exits 0 from it (Debian 12's 5.1):
+    # then it says it succeeded, and only the worker's verify stands between the HTML and a landing.
+    assert r.returncode != 0 or out.exists()
     if out.exists():  # yt-dlp 2026.10 leaves the concatenated HTML "segments" as the .mp4
         with pytest.raises(NotAVideo, match="HTML page"):
             verify_video(out)

@@ -8,6 +8,7 @@ not a bad file. Sample media is made once with the real ffmpeg (imageio-ffmpeg's
 from __future__ import annotations
 
 import random
+import re
 import subprocess
 from pathlib import Path
 
@@ -61,7 +62,12 @@ def test_a_whole_video_is_remuxed_and_described_as_the_verify_pass_would(media, 
     assert verify_video(dst).duration_seconds == pytest.approx(4, abs=0.5)
 
 
-@pytest.mark.parametrize("name, reason", [("garbled", "truncated: "), ("random", "ffmpeg cannot read it")])
+# Random bytes named .mp4: "ffmpeg cannot read it", or with ffmpeg 5.1 a cut MP4 (it tries
+# its MP4 demuxer on the name and finds no index).
+RANDOM_REASON = "ffmpeg cannot read it|moov atom not found"
+
+
+@pytest.mark.parametrize("name, reason", [("garbled", "truncated: "), ("random", RANDOM_REASON)])
 def test_a_bad_file_is_refused_with_the_verify_pass_s_own_reason(media, tmp_path: Path, name: str,
                                                                  reason: str) -> None:
     with pytest.raises(NotAVideo) as verdict:
@@ -69,7 +75,7 @@ def test_a_bad_file_is_refused_with_the_verify_pass_s_own_reason(media, tmp_path
     dst = tmp_path / "out.mkv"
     with pytest.raises(NotAVideo) as exc:
         one_pass.verify_and_remux(media[name], dst)
-    assert str(exc.value) == str(verdict.value) and reason in str(exc.value)
+    assert str(exc.value) == str(verdict.value) and re.search(reason, str(exc.value))
     assert not dst.exists()
 
 
@@ -79,5 +85,7 @@ def test_a_good_file_matroska_cannot_hold_is_a_remux_failure_not_a_bad_file(medi
     with pytest.raises(RemuxError) as exc:
         one_pass.verify_and_remux(media["subs"], dst)
     assert not exc.value.no_space and not exc.value.timed_out
-    assert "mov_text" in str(exc.value) and "[info]" not in str(exc.value), str(exc.value)
+    # ffmpeg 7 and later name the codec, 5.1 (Debian 12's) its number: the cause either way
+    assert re.search("mov_text|Subtitle codec", str(exc.value)) and "[info]" not in str(exc.value), \
+        str(exc.value)
     assert not dst.exists() and media["subs"].stat().st_size > 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -165,12 +166,12 @@ def test_accepts_whole_videos(media: dict[str, Path], name: str, container: str)
     ("trunc_mkv", "truncated Matroska"),
     ("audio", "no video stream"),
     ("png", "image"),
-    ("random", "ffmpeg cannot read it"),
+    ("random", "ffmpeg cannot read it|moov atom not found"),  # the latter: ffmpeg 5.1, on the name
 ])
 def test_rejects(media: dict[str, Path], name: str, reason: str) -> None:
     with pytest.raises(NotAVideo) as exc:
         verify_video(media[name])
-    assert reason in str(exc.value)
+    assert re.search(reason, str(exc.value)), str(exc.value)
 
 
 def test_rejects_missing_file(tmp_path: Path) -> None:
@@ -195,7 +196,7 @@ def test_ffmpeg_alone_detects_truncation(media: dict[str, Path], name: str, reas
     monkeypatch.setattr(verify, "structural_check", lambda *a: None)
     with pytest.raises(NotAVideo) as exc:
         verify_video(media[name])
-    assert reason in str(exc.value)
+    assert re.search(reason, str(exc.value)), str(exc.value)
 
 
 @needs_ffmpeg
@@ -237,7 +238,7 @@ def test_magic_fallback_rejects(media: dict[str, Path], no_tools: None, name: st
         return
     with pytest.raises(NotAVideo) as exc:
         verify_video(media[name])
-    assert reason in str(exc.value)
+    assert re.search(reason, str(exc.value)), str(exc.value)
 
 
 def _fake_ffprobe(bin_dir: Path, payload: dict | None, rc: int = 0, stderr: str = "") -> Path:
@@ -320,12 +321,12 @@ def test_subprocess_calls_are_argument_lists(media: dict[str, Path], tmp_path: P
     monkeypatch.setattr(media_tools.subprocess, "Popen", spy)
     verify_video(media["mp4"])
     remux_to_mkv(media["mp4"], tmp_path / "out.mkv")
-    assert len(calls) == 2
+    assert len(calls) == (3 if video.find_ffprobe() else 2)  # ffprobe, where there is one, first
     for args, kwargs in calls:
         assert isinstance(args, list) and all(isinstance(a, str) for a in args)
         assert not kwargs.get("shell")
         assert kwargs["stdin"] is subprocess.DEVNULL
-        assert "-nostdin" in args
+        assert "-nostdin" in args or Path(args[0]).name == "ffprobe"  # ffprobe reads no stdin
 
 
 # --------------------------------------------------------------------------- remux_to_mkv
