@@ -1,6 +1,7 @@
 """Disk I/O of the post-download step on a ~200 MB episode, this tree against another revision.
 
     python bench/disk_io.py [--baseline-rev main] [--rounds 3] [--mbytes 200] [--minutes 24]
+                            [--slow-disk-mbps 100]
 
 The episode: H.264/AAC at a constant bit rate (``--mbytes`` over ``--minutes``, so an
 episode's real number of packets), cut into 6 s HLS segments, served by the local
@@ -18,6 +19,11 @@ page cache (``posix_fadvise``: that file only) before it starts measuring:
   first on ``sys.path``), run as the worker runs it (an ``Attempt``, ``start_post``,
   its wake-up pipe), with ``verify = true`` and ``container = "mkv"``, then ``"keep"``.
 
+Where: beside the cache (this machine's disk), ``--work-dir``, or with
+``--slow-disk-mbps`` a filesystem made for the run on a loop device throttled to a USB
+disk's speed (bench/slow_disk.py: root and cgroup v1), the storage the project is for:
+on a disk faster than ffmpeg's per-packet work the post step waits on the CPU.
+
 Measured per run: the wall time to the post step's result (with its fsync), and the
 bytes the process and the children it reaped read and wrote (``/proc/self/io``):
 ``rchar``/``wchar`` (what read and write calls moved, cached or not) and
@@ -31,6 +37,7 @@ with keep one read and no write, and the mkv post step within 1.5x of ``cp`` + f
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -214,6 +221,17 @@ def run_child(variant: str, tree: Path, container: str, episode: Path, work: Pat
     return result
 
 
+def ffmpeg_in_use() -> str:
+    """The ffmpeg the worker runs (PATH first, then imageio-ffmpeg's) and its version."""
+    from services.worker.media_tools import find_ffmpeg
+
+    exe = find_ffmpeg()
+    if exe is None:
+        return "none"
+    first = subprocess.run([exe, "-hide_banner", "-version"], capture_output=True, text=True).stdout
+    return f"{exe}: {first.splitlines()[0] if first else '?'}"
+
+
 def unpack(rev: str, into: Path) -> Path:
     sys.path.insert(0, str(HERE))
     from status_cli import unpack as unpack_rev  # git archive of a revision
@@ -231,6 +249,9 @@ def main() -> int:
                         help="where the episode is kept between runs (default: /tmp/adb-disk-io-cache)")
     parser.add_argument("--work-dir", default=None, help="where the runs copy it (default: a temp dir "
                                                          "beside the cache: the same filesystem)")
+    parser.add_argument("--slow-disk-mbps", type=float, default=None, metavar="MB_PER_S",
+                        help="run on a filesystem made for the run on a loop device throttled to this "
+                             "many MB/s read and write, as a USB disk is (root, cgroup v1: bench/slow_disk.py)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--tree", help=argparse.SUPPRESS)
     parser.add_argument("--container", help=argparse.SUPPRESS)
@@ -243,13 +264,22 @@ def main() -> int:
 
     sys.path.insert(0, str(HERE))
     from common import machine, table, verdict
+    from slow_disk import SlowDiskUnavailable, slow_disk
 
     cache = Path(args.cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
     episode = make_episode(cache, args.mbytes, args.minutes)
     size = episode.stat().st_size
-    with tempfile.TemporaryDirectory(prefix="adb-disk-io-", dir=args.work_dir or cache) as tmp:
-        tmp_path = Path(tmp)
+    with contextlib.ExitStack() as stack:
+        work_dir = args.work_dir or cache
+        if args.slow_disk_mbps:
+            try:
+                work_dir = stack.enter_context(slow_disk(args.slow_disk_mbps, 3 * size / 1e9 + 0.5, cache))
+            except SlowDiskUnavailable as exc:
+                print(f"disk_io.py: --slow-disk-mbps: {exc}", file=sys.stderr)
+                return 2
+            print(f"on a loop device throttled to {args.slow_disk_mbps:g} MB/s read and write", flush=True)
+        tmp_path = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="adb-disk-io-", dir=work_dir)))
         baseline = unpack(args.baseline_rev, tmp_path)
         sides = [("cp", "cp", REPO, ""),
                  (f"{args.baseline_rev} mkv", "post", baseline, "mkv"), ("this mkv", "post", REPO, "mkv"),
@@ -257,6 +287,7 @@ def main() -> int:
         runs: dict[str, list[dict]] = {label: [] for label, *_ in sides}
         print(f"{machine()}; episode {episode.name}: {size / 1e6:.1f} MB; load {os.getloadavg()[0]:.2f}",
               flush=True)
+        print(f"post step's ffmpeg: {ffmpeg_in_use()}", flush=True)
         for r in range(args.rounds):
             for label, variant, tree, container in sides:
                 runs[label].append(run_child(variant, tree, container, episode, tmp_path / "run"))
@@ -292,8 +323,8 @@ def main() -> int:
         print(f"{what}: {value:.3f} (goal <= {goal}) {verdict(value <= goal)}")
     print(f"throughput on this machine: cp + fsync {size / 1e6 / cp_time:.0f} MB/s; this mkv "
           f"{size / 1e6 / med(this_mkv, 'seconds'):.0f} MB/s, using {med(this_mkv, 'cpu'):.2f} CPU s "
-          f"(ffmpeg hands each of the episode's packets between its threads: below that disk speed "
-          f"the post step waits on the disk, above it on the CPU)")
+          f"(ffmpeg's work is per packet, the episode's ~98,000: on a disk slower than that the "
+          f"post step waits on the disk, on a faster one on the CPU)")
     base_mkv = f"{args.baseline_rev} mkv"
     print(f"mkv against {args.baseline_rev}: time {med(this_mkv, 'seconds') / med(base_mkv, 'seconds'):.2f}x, "
           f"bytes read {med(this_mkv, 'rchar') / med(base_mkv, 'rchar'):.2f}x, "
