@@ -70,11 +70,15 @@ def remux_to_mkv(src: Path, dst: Path, timeout_seconds: float = 600,
 
 def write_failed(*texts: str) -> bool:
     """ffmpeg said it could not write (all of) its output."""
-    return any(marker in text for marker in WRITE_FAILURE_TEXTS for text in texts)
+    return _says(WRITE_FAILURE_TEXTS, texts)
 
 
 def no_space(*texts: str) -> bool:
-    return any(marker in text for marker in NO_SPACE_TEXTS for text in texts)
+    return _says(NO_SPACE_TEXTS, texts)
+
+
+def _says(markers: tuple[str, ...], texts: tuple[str, ...]) -> bool:
+    return any(marker in text for marker in markers for text in texts)
 
 
 def _unlink(path: Path) -> None:
