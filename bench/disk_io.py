@@ -223,6 +223,8 @@ def run_child(variant: str, tree: Path, container: str, episode: Path, work: Pat
 
 def ffmpeg_in_use() -> str:
     """The ffmpeg the worker runs (PATH first, then imageio-ffmpeg's) and its version."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
     from services.worker.media_tools import find_ffmpeg
 
     exe = find_ffmpeg()
